@@ -1,0 +1,39 @@
+# One place for dev tasks. `make run` and `make test` set everything up on a fresh machine first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: setup run test lint typecheck bench audit clean
+
+setup: $(VENV)/.installed node_modules/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $@
+
+# Node peers (npm bullmq, @upstash/qstash) prove wire compatibility; skipped with a note where npm is absent.
+node_modules/.installed: package.json package-lock.json
+	@if command -v npm >/dev/null 2>&1; then npm ci --no-audit --no-fund --loglevel=error; \
+	 else echo "npm not found: the Node parity tests will be skipped"; mkdir -p node_modules; fi
+	@touch $@
+
+run: setup
+	$(BIN)/whatrack run
+
+test: setup
+	$(BIN)/pytest
+
+lint: setup
+	$(BIN)/ruff check whatrack tests bench
+	$(BIN)/mypy
+
+bench: setup
+	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+audit: setup
+	$(BIN)/pip-audit --skip-editable
+
+clean:
+	rm -rf $(VENV) node_modules runs/.stack
