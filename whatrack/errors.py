@@ -9,6 +9,7 @@ Every error whatrack raises on purpose derives from :class:`WhatrackError`. Vend
     ├── PayloadError           a webhook body that can never succeed (not JSON, no message id, unknown instance)
     ├── StoreError             the database failed (transient: the delivery should be retried)
     ├── PublishError           realtime publication failed (transient)
+    ├── SendError              UAZAPI refused or failed a send (``retryable`` says whether to try again)
     ├── QueueError             a BullMQ / follow-up operation failed
     ├── MigrationError         probing, copying, verifying or rolling back Redis failed
     ├── StackError             the offline devstack could not start, stop or answer
@@ -73,6 +74,20 @@ class StoreError(WhatrackError):
 
 class PublishError(WhatrackError):
     """Realtime publication (Centrifugo) failed in a way a retry may fix."""
+
+
+class SendError(WhatrackError):
+    """UAZAPI failed to send a message.
+
+    Attributes:
+        status: the HTTP status, when there was a response.
+        retryable: whether sending again may succeed (5xx, timeouts) or not (4xx: bad number, bad token).
+    """
+
+    def __init__(self, detail: str, *, status: int | None = None, retryable: bool = True) -> None:
+        self.status = status
+        self.retryable = retryable
+        super().__init__(detail)
 
 
 class QueueError(WhatrackError):
