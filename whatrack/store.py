@@ -1,0 +1,493 @@
+"""The idempotent writes of whatrack: webhook messages, receipts, instance status, follow-up messages.
+
+One :class:`Store` per process, built with :meth:`Store.from_url`. Every public call is one database transaction
+(``store_engine.Database.transaction``): it either commits whole or leaves nothing, and any database failure comes out
+as :class:`~whatrack.errors.StoreError` so that the caller answers 5xx and QStash delivers again. Idempotency lives in
+unique constraints (``(organization, provider_id)``, ``(instance, external_id)``, ``job_id``) written with
+``INSERT ... ON CONFLICT DO NOTHING``: a redelivery, a retry or a race finds the row that is already there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Select, and_, case, func, literal, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from whatrack import store_rows as rows
+from whatrack import store_upgrade
+from whatrack.errors import ConfigError, PayloadError
+from whatrack.events import InstanceEvent, MessageEvent, ReceiptEvent
+from whatrack.models import TABLES, Conversation, Instance, Lead, Message, Organization, Ticket, UTCDateTime, utcnow
+from whatrack.store_engine import Database
+
+log = logging.getLogger("whatrack.store")
+
+
+@dataclass(frozen=True)
+class InstanceRef:
+    id: int
+    organization_id: int
+    name: str
+
+
+@dataclass(frozen=True)
+class LeadRef:
+    id: int
+    phone: str | None
+    remote_jid: str
+    organization_id: int
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    message_id: int
+    conversation_id: int
+    lead_id: int
+    ticket_id: int
+    organization_id: int
+    external_id: str
+    provider_id: str
+    created: bool  # False when the row already existed (a redelivery / retry)
+    published: bool  # True when published_at was already set
+    channel: str  # Centrifugo channel of the conversation: f"conversation:{conversation_id}"
+    realtime: dict[str, Any]  # the PRD payload plus conversationId, externalId, type, direction
+
+
+_STORED_COLUMNS = (Message.id, Message.conversation_id, Message.lead_id, Message.ticket_id, Message.organization_id,
+                   Message.external_id, Message.provider_id, Message.published_at, Message.content,
+                   Message.sender_type, Message.sent_at, Message.type, Message.direction, Message.job_id)
+
+
+def _stored(row: dict[str, Any], *, created: bool) -> StoredMessage:
+    return StoredMessage(
+        message_id=row["id"], conversation_id=row["conversation_id"], lead_id=row["lead_id"],
+        ticket_id=row["ticket_id"], organization_id=row["organization_id"], external_id=row["external_id"],
+        provider_id=row["provider_id"], created=created, published=row["published_at"] is not None,
+        channel=rows.channel(row["conversation_id"]), realtime=rows.realtime_payload(row),
+    )
+
+
+class Store:
+    """whatrack's database. See the module docstring; every method raises StoreError on a database failure."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    @classmethod
+    def from_url(cls, url: str, *, pool_size: int = 10, statement_timeout_ms: int | None = None) -> Store:
+        """A store on ``url`` (``postgresql://...`` or ``sqlite:///path``; the async drivers are chosen here).
+
+        Raises:
+            ConfigError: the URL is not a PostgreSQL or SQLite URL.
+        """
+        return cls(Database(url, pool_size=pool_size, statement_timeout_ms=statement_timeout_ms))
+
+    @property
+    def dialect(self) -> str:
+        """``postgresql`` or ``sqlite``."""
+        return self._db.dialect
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The underlying engine, for read-only inspection (tests, evidence); write through the methods."""
+        return self._db.engine
+
+    def __repr__(self) -> str:
+        return f"Store({self._db.safe_url!r})"
+
+    async def aclose(self) -> None:
+        await self._db.dispose()
+
+    async def upgrade(self) -> None:
+        """Run the Alembic migrations to head (safe to call from several processes at once)."""
+        await self._db.transaction("upgrade", store_upgrade.upgrade)
+
+    async def revision(self) -> str | None:
+        """The database's Alembic revision (None before the first upgrade)."""
+        return await self._db.transaction("revision", store_upgrade.revision)
+
+    # -- instances ----------------------------------------------------------------------------------------------
+
+    async def register_instance(self, organization: str, instance_name: str, token: str,
+                                owner: str | None = None) -> InstanceRef:
+        """Create or update an instance (and its organization); only the token's SHA-256 is stored.
+
+        Raises:
+            ConfigError: empty values, the name belongs to another organization, or the token to another instance.
+        """
+        for what, value in (("organization", organization), ("instance_name", instance_name), ("token", token)):
+            if not value or not value.strip():
+                raise ConfigError(what, "must not be empty")
+        rows.check_length("organization", organization)
+        rows.check_length("instance_name", instance_name)
+        rows.check_length("owner", owner)
+        digest = rows.token_hash(token)
+
+        async def tx(conn: AsyncConnection) -> InstanceRef:
+            await conn.execute(self._insert_ignore(Organization, {"name": organization, "created_at": utcnow()}))
+            org_id = (await conn.execute(select(Organization.id).where(Organization.name == organization))).scalar_one()
+            other = (await conn.execute(select(Instance.name).where(Instance.token_hash == digest))).scalar()
+            if other is not None and other != instance_name:
+                raise ConfigError("token", f"this token already belongs to instance {other!r}; each UAZAPI "
+                                           "instance has its own token")
+            now = utcnow()
+            await conn.execute(self._insert_ignore(Instance, {
+                "organization_id": org_id, "name": instance_name, "token_hash": digest, "owner": owner,
+                "status": "unknown", "created_at": now, "updated_at": now}))
+            found = (await conn.execute(select(Instance.id, Instance.organization_id)
+                                        .where(Instance.name == instance_name))).one()
+            if found.organization_id != org_id:
+                raise ConfigError("organization", f"instance {instance_name!r} already belongs to another "
+                                                  "organization; pick another instance name")
+            values: dict[str, Any] = {"token_hash": digest, "updated_at": now}
+            if owner:
+                values["owner"] = owner
+            await conn.execute(update(Instance).where(Instance.id == found.id).values(**values))
+            return InstanceRef(id=found.id, organization_id=org_id, name=instance_name)
+
+        ref = await self._db.transaction("register_instance", tx)
+        log.info("instance %s registered (organization %s, id %d)", instance_name, organization, ref.id)
+        return ref
+
+    async def find_instance(self, instance_name: str | None, token: str | None) -> InstanceRef | None:
+        """The instance whose token is ``token`` (and whose name is ``instance_name`` when given), else None."""
+        if not token:
+            return None
+        digest = rows.token_hash(token)
+        q = select(Instance.id, Instance.organization_id, Instance.name, Instance.token_hash)
+        q = q.where(Instance.name == instance_name) if instance_name else q.where(Instance.token_hash == digest)
+
+        async def tx(conn: AsyncConnection) -> InstanceRef | None:
+            r = (await conn.execute(q)).first()
+            if r is None or not hmac.compare_digest(r.token_hash, digest):
+                return None
+            return InstanceRef(id=r.id, organization_id=r.organization_id, name=r.name)
+
+        return await self._db.transaction("find_instance", tx)
+
+    async def get_instance(self, instance_id: int) -> InstanceRef | None:
+        """The instance with this id (the follow-up worker's jobs carry ids), else None."""
+        q = select(Instance.id, Instance.organization_id, Instance.name).where(Instance.id == instance_id)
+
+        async def tx(conn: AsyncConnection) -> InstanceRef | None:
+            r = (await conn.execute(q)).first()
+            return InstanceRef(id=r.id, organization_id=r.organization_id, name=r.name) if r else None
+
+        return await self._db.transaction("get_instance", tx)
+
+    async def list_instances(self) -> list[dict[str, Any]]:
+        """Every instance with its organization, owner and status (never a token or its hash)."""
+        q = (select(Instance.id, Organization.name.label("organization"), Instance.name, Instance.owner,
+                    Instance.status, Instance.status_at)
+             .join(Organization, Organization.id == Instance.organization_id).order_by(Instance.id))
+
+        async def tx(conn: AsyncConnection) -> list[dict[str, Any]]:
+            return [dict(r._mapping) for r in await conn.execute(q)]
+
+        return await self._db.transaction("list_instances", tx)
+
+    async def update_instance_status(self, inst: InstanceRef, ev: InstanceEvent) -> None:
+        """Record a ``connection`` event: status, reason, when, and the owner number once it is known."""
+        rows.check_length("status", ev.status)
+        values: dict[str, Any] = {"status": ev.status, "status_reason": ev.reason, "status_at": utcnow(),
+                                  "updated_at": utcnow()}
+        if ev.source.owner:
+            rows.check_length("owner", ev.source.owner)
+            values["owner"] = ev.source.owner
+
+        async def tx(conn: AsyncConnection) -> None:
+            await conn.execute(update(Instance).where(Instance.id == inst.id).values(**values))
+
+        await self._db.transaction("update_instance_status", tx)
+
+    # -- messages -----------------------------------------------------------------------------------------------
+
+    async def save_message(self, inst: InstanceRef, ev: MessageEvent) -> StoredMessage:
+        """Store a webhook message with its lead, conversation and open ticket, exactly once.
+
+        Raises:
+            PayloadError: the event can never be stored (see ``store_rows.check_message_event``).
+            StoreError: the database failed; nothing was written.
+        """
+        rows.check_message_event(ev)
+        t0 = time.perf_counter()
+
+        async def tx(conn: AsyncConnection) -> StoredMessage:
+            existing = await self._find_message(conn, inst, ev.provider_id, ev.external_id)
+            if existing is not None:
+                return _stored(existing, created=False)
+            org = inst.organization_id
+            lead_id = await self._upsert_lead(conn, org, ev.lead_jid, ev.lead_phone, rows.lead_name(ev), ev.is_group)
+            conv_id = await self._upsert_conversation(conn, org, lead_id, inst.id)
+            ticket_id = await self._open_ticket(conn, org, conv_id)
+            values = rows.message_values(ev) | {
+                "organization_id": org, "instance_id": inst.id, "lead_id": lead_id, "conversation_id": conv_id,
+                "ticket_id": ticket_id, "created_at": utcnow(),
+                "delivered_at": utcnow() if ev.direction == "inbound" else None}
+            new_id = await self._insert_message(conn, values)
+            if new_id is None:  # a concurrent delivery of the same message won
+                return _stored(await self._must_find(conn, inst, ev.provider_id, ev.external_id), created=False)
+            if ev.edit_of:
+                await self._apply_edit(conn, inst.id, ev.edit_of, ev.text, ev.sent_at)
+            elif not rows.is_edit_or_reaction(ev):
+                await self._apply_earlier_edit(conn, inst.id, new_id, ev.external_id)
+            if not rows.is_edit_or_reaction(ev):
+                await self._touch_conversation(conn, conv_id, ev.sent_at, inbound=ev.direction == "inbound")
+            return _stored(await self._must_find(conn, inst, ev.provider_id, ev.external_id), created=True)
+
+        stored = await self._db.transaction("save_message", tx)
+        log.debug("message %s %s in %.1f ms", ev.external_id, "stored" if stored.created else "already stored",
+                  (time.perf_counter() - t0) * 1000)
+        return stored
+
+    async def save_outbound(self, inst: InstanceRef, *, lead_id: int, text: str, job_id: str, external_id: str,
+                            provider_id: str | None, sent_at: datetime) -> StoredMessage:
+        """Store a message the follow-up worker sent, exactly once per job and per WhatsApp message.
+
+        When the echoed ``fromMe`` webhook stored the same message first, that row is returned (``created=False``)
+        and linked to the job.
+
+        Raises:
+            PayloadError: bad arguments, or ``lead_id`` is not a lead of the instance's organization.
+            StoreError: the database failed; nothing was written.
+        """
+        if not job_id or not external_id:
+            raise PayloadError("no_message_id", "save_outbound needs a job_id and the sent message's external_id")
+        rows.check_aware("sent_at", sent_at)
+        for f, v in (("job_id", job_id), ("external_id", external_id), ("provider_id", provider_id)):
+            rows.check_length(f, v)
+
+        async def tx(conn: AsyncConnection) -> StoredMessage:
+            pid = provider_id or await self._provider_id(conn, inst, external_id)
+            existing = await self._find_message(conn, inst, pid, external_id, job_id=job_id)
+            if existing is not None:
+                if existing["job_id"] is None:
+                    await conn.execute(update(Message).where(Message.id == existing["id"]).values(job_id=job_id))
+                return _stored(existing, created=False)
+            lead = (await conn.execute(select(Lead.id).where(Lead.id == lead_id,
+                                                             Lead.organization_id == inst.organization_id))).scalar()
+            if lead is None:
+                raise PayloadError("unknown_lead", f"lead {lead_id} is not a lead of organization "
+                                                   f"{inst.organization_id}; the job can never be stored")
+            conv_id = await self._upsert_conversation(conn, inst.organization_id, lead_id, inst.id)
+            ticket_id = await self._open_ticket(conn, inst.organization_id, conv_id)
+            new_id = await self._insert_message(conn, {
+                "organization_id": inst.organization_id, "instance_id": inst.id, "lead_id": lead_id,
+                "conversation_id": conv_id, "ticket_id": ticket_id, "provider_id": pid, "external_id": external_id,
+                "direction": "outbound", "sender_type": "USER", "type": "text", "raw_type": None, "content": text,
+                "sent_by_api": True, "status": "sent", "sent_at": sent_at, "job_id": job_id,
+                "created_at": utcnow()})
+            if new_id is None:
+                found = await self._find_message(conn, inst, pid, external_id, job_id=job_id)
+                if found is None:
+                    raise PayloadError("conflict", f"message {external_id} conflicts with a row that cannot be read")
+                return _stored(found, created=False)
+            await self._touch_conversation(conn, conv_id, sent_at, inbound=False)
+            return _stored(await self._must_find(conn, inst, pid, external_id), created=True)
+
+        return await self._db.transaction("save_outbound", tx)
+
+    async def mark_published(self, message_id: int) -> None:
+        """Record that the message was published to Centrifugo (the first time only)."""
+        async def tx(conn: AsyncConnection) -> None:
+            await conn.execute(update(Message).where(Message.id == message_id, Message.published_at.is_(None))
+                               .values(published_at=utcnow()))
+
+        await self._db.transaction("mark_published", tx)
+
+    async def apply_receipt(self, inst: InstanceRef, ev: ReceiptEvent) -> int:
+        """Apply a ``messages_update`` to the instance's messages; return how many rows changed.
+
+        Statuses only advance (``events.STATUS_ORDER``); ``deleted`` sets ``deleted_at``; ``failed`` only applies to
+        messages not yet delivered.
+
+        Raises:
+            PayloadError: an unknown status.
+        """
+        sources = rows.receipt_sources(ev.status)
+        ids = [i for i in dict.fromkeys(ev.external_ids) if i]
+        if not ids:
+            return 0
+        at_value = ev.at or utcnow()
+        rows.check_aware("at", at_value)
+        at = literal(at_value, UTCDateTime())
+        values: dict[str, Any] = {"status": ev.status}
+        set_delivered, set_read = rows.receipt_timestamps(ev.status)
+        if set_delivered:
+            values["delivered_at"] = func.coalesce(Message.delivered_at, at)
+        if set_read:
+            values["read_at"] = func.coalesce(Message.read_at, at)
+        if ev.status == "deleted":
+            values["deleted_at"] = func.coalesce(Message.deleted_at, at)
+
+        async def tx(conn: AsyncConnection) -> int:
+            changed = 0
+            for i in range(0, len(ids), 500):  # bounded IN lists
+                r = await conn.execute(update(Message).where(
+                    Message.instance_id == inst.id, Message.external_id.in_(ids[i:i + 500]),
+                    Message.status.in_(sources)).values(**values))
+                changed += r.rowcount
+            return changed
+
+        return await self._db.transaction("apply_receipt", tx)
+
+    # -- reads --------------------------------------------------------------------------------------------------
+
+    async def find_lead(self, organization_id: int, lead_id: int) -> LeadRef | None:
+        async def tx(conn: AsyncConnection) -> LeadRef | None:
+            r = (await conn.execute(select(Lead.id, Lead.phone, Lead.remote_jid, Lead.organization_id).where(
+                Lead.id == lead_id, Lead.organization_id == organization_id))).first()
+            return LeadRef(r.id, r.phone, r.remote_jid, r.organization_id) if r else None
+
+        return await self._db.transaction("find_lead", tx)
+
+    async def lead_replied_since(self, lead_id: int, since: datetime) -> bool:
+        """Whether the lead sent any message after ``since`` (the follow-up worker's cancel check)."""
+        rows.check_aware("since", since)
+        q = select(literal(1)).where(Message.lead_id == lead_id, Message.direction == "inbound",
+                                     Message.sent_at > since).limit(1)
+
+        async def tx(conn: AsyncConnection) -> bool:
+            return (await conn.execute(q)).first() is not None
+
+        return await self._db.transaction("lead_replied_since", tx)
+
+    async def counts(self) -> dict[str, int]:
+        """Rows per table, in dependency order."""
+        async def tx(conn: AsyncConnection) -> dict[str, int]:
+            out: dict[str, int] = {}
+            for model in (Organization, Instance, Lead, Conversation, Ticket, Message):
+                out[model.__tablename__] = (await conn.execute(select(func.count()).select_from(model))).scalar_one()
+            return out
+
+        result = await self._db.transaction("counts", tx)
+        assert tuple(result) == TABLES
+        return result
+
+    async def message_rows(self, organization_id: int | None = None) -> list[dict[str, Any]]:
+        """One dict per message for the loss ledger, oldest first."""
+        q = select(Message.provider_id, Message.external_id, Message.id.label("message_id"),
+                   Message.conversation_id, Message.created_at, Message.published_at, Message.sent_at,
+                   Message.direction).order_by(Message.id)
+        if organization_id is not None:
+            q = q.where(Message.organization_id == organization_id)
+
+        async def tx(conn: AsyncConnection) -> list[dict[str, Any]]:
+            return [dict(r._mapping) for r in await conn.execute(q)]
+
+        return await self._db.transaction("message_rows", tx)
+
+    # -- steps inside a transaction -----------------------------------------------------------------------------
+
+    def _insert_ignore(self, model: type[Any], values: dict[str, Any]) -> Any:
+        """``INSERT ... ON CONFLICT DO NOTHING`` (any unique constraint) in this database's dialect."""
+        ins = pg_insert if self._db.dialect == "postgresql" else sqlite_insert
+        return ins(model).values(**values).on_conflict_do_nothing()
+
+    async def _insert_message(self, conn: AsyncConnection, values: dict[str, Any]) -> int | None:
+        r = await conn.execute(self._insert_ignore(Message, values).returning(Message.id))
+        return r.scalar()
+
+    def _message_query(self, inst: InstanceRef, provider_id: str, external_id: str,
+                       job_id: str | None = None) -> Select[*tuple[Any, ...]]:
+        cond = or_(and_(Message.organization_id == inst.organization_id, Message.provider_id == provider_id),
+                   and_(Message.instance_id == inst.id, Message.external_id == external_id))
+        if job_id is not None:
+            cond = or_(cond, Message.job_id == job_id)
+        # The job's own row first, then the exact provider id, so a retry finds what it wrote itself.
+        return select(*_STORED_COLUMNS).where(cond).order_by(
+            case((Message.job_id == job_id, 0), else_=1) if job_id else literal(0),
+            case((Message.provider_id == provider_id, 0), else_=1)).limit(1)
+
+    async def _find_message(self, conn: AsyncConnection, inst: InstanceRef, provider_id: str, external_id: str,
+                            job_id: str | None = None) -> dict[str, Any] | None:
+        r = (await conn.execute(self._message_query(inst, provider_id, external_id, job_id))).first()
+        return dict(r._mapping) if r else None
+
+    async def _must_find(self, conn: AsyncConnection, inst: InstanceRef, provider_id: str,
+                         external_id: str) -> dict[str, Any]:
+        return dict((await conn.execute(self._message_query(inst, provider_id, external_id))).one()._mapping)
+
+    async def _provider_id(self, conn: AsyncConnection, inst: InstanceRef, external_id: str) -> str:
+        """UAZAPI's ``owner:messageid`` when the owner is known (what the fromMe echo will carry)."""
+        owner = (await conn.execute(select(Instance.owner).where(Instance.id == inst.id))).scalar()
+        return f"{owner}:{external_id}" if owner else external_id
+
+    async def _upsert_lead(self, conn: AsyncConnection, org: int, jid: str, phone: str | None, name: str | None,
+                           is_group: bool) -> int:
+        match = or_(Lead.remote_jid == jid, Lead.phone == phone) if phone else Lead.remote_jid == jid
+        # Prefer the exact chat; else the same phone under another JID (a LID) is the same person.
+        q = (select(Lead.id, Lead.name).where(Lead.organization_id == org, match)
+             .order_by(case((Lead.remote_jid == jid, 0), else_=1)).limit(1))
+        r = (await conn.execute(q)).first()
+        if r is None:
+            await conn.execute(self._insert_ignore(Lead, {
+                "organization_id": org, "remote_jid": jid, "phone": phone, "name": name, "is_group": is_group,
+                "created_at": utcnow()}))
+            r = (await conn.execute(q)).one()
+        elif name and not r.name:
+            await conn.execute(update(Lead).where(Lead.id == r.id).values(name=name))
+        return int(r.id)
+
+    async def _upsert_conversation(self, conn: AsyncConnection, org: int, lead_id: int, instance_id: int) -> int:
+        q = select(Conversation.id).where(Conversation.lead_id == lead_id, Conversation.instance_id == instance_id)
+        found = (await conn.execute(q)).scalar()
+        if found is None:
+            await conn.execute(self._insert_ignore(Conversation, {
+                "organization_id": org, "lead_id": lead_id, "instance_id": instance_id, "status": "open",
+                "unread_count": 0, "created_at": utcnow()}))
+            found = (await conn.execute(q)).scalar_one()
+        return int(found)
+
+    async def _open_ticket(self, conn: AsyncConnection, org: int, conversation_id: int) -> int:
+        """The original resolveTicket: the conversation's open ticket, or a new one."""
+        q = select(Ticket.id).where(Ticket.conversation_id == conversation_id, Ticket.status == "open")
+        found = (await conn.execute(q)).scalar()
+        if found is None:
+            await conn.execute(self._insert_ignore(Ticket, {
+                "organization_id": org, "conversation_id": conversation_id, "status": "open", "opened_at": utcnow()}))
+            found = (await conn.execute(q)).scalar_one()
+        return int(found)
+
+    async def _apply_edit(self, conn: AsyncConnection, instance_id: int, target: str, text: str | None,
+                          at: datetime) -> None:
+        # Only a newer edit wins: edits can arrive out of order.
+        await conn.execute(update(Message).where(
+            Message.instance_id == instance_id, Message.external_id == target,
+            or_(Message.edited_at.is_(None), Message.edited_at < at)).values(content=text, edited_at=at))
+
+    async def _apply_earlier_edit(self, conn: AsyncConnection, instance_id: int, message_id: int,
+                                  external_id: str) -> None:
+        """An edit that arrived before its message: apply the latest such edit to the message now stored."""
+        r = (await conn.execute(select(Message.content, Message.sent_at).where(
+            Message.instance_id == instance_id, Message.edit_of == external_id)
+            .order_by(Message.sent_at.desc()).limit(1))).first()
+        if r is not None:
+            await conn.execute(update(Message).where(Message.id == message_id)
+                               .values(content=r.content, edited_at=r.sent_at))
+
+    async def _touch_conversation(self, conn: AsyncConnection, conversation_id: int, at: datetime, *,
+                                  inbound: bool) -> None:
+        last = case((or_(Conversation.last_message_at.is_(None), Conversation.last_message_at < at),
+                     literal(at, UTCDateTime())),
+                    else_=Conversation.last_message_at)
+        values: dict[str, Any] = {"last_message_at": last}
+        if inbound:
+            values["unread_count"] = Conversation.unread_count + 1
+        await conn.execute(update(Conversation).where(Conversation.id == conversation_id).values(**values))
+
+
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``whatrack instances add|list`` and ``whatrack db upgrade`` (see ``store_cli``)."""
+    from whatrack import store_cli
+
+    store_cli.add_commands(subparsers)
