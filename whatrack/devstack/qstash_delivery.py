@@ -1,0 +1,315 @@
+"""The offline QStash broker's delivery loop: claim due messages, deliver them signed, record each outcome atomically.
+
+One dispatcher task claims due messages in batches (moving them to a lease set) and hands each to a bounded pool of
+delivery tasks sharing one keep-alive ``httpx.AsyncClient``. Every outcome (delivered, retry scheduled, failed to the
+DLQ, canceled), with its events and any callback message, is one Redis transaction. Nothing polls when a wakeup
+signal works: publishes and finished deliveries set an ``asyncio.Event``; timers only cover the next due time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+from redis.asyncio.client import Pipeline
+
+from whatrack.devstack.qstash_durations import HeaderError, default_backoff_s, eval_retry_delay_ms, retry_after_s
+from whatrack.devstack.qstash_flow import FlowControl
+from whatrack.devstack.qstash_model import (
+    Record,
+    callback_body,
+    callback_spec,
+    event,
+    make_message,
+    now_ms,
+    response_fields,
+)
+from whatrack.devstack.qstash_publish import fire_due_schedules
+from whatrack.devstack.qstash_sign import sign
+from whatrack.devstack.qstash_store import FINISHED_GRACE_S, Store, pipe_event, pipe_message
+
+log = logging.getLogger("whatrack.devstack.qstash_delivery")
+
+#: Concurrent delivery attempts: enough to keep a 2-core machine busy at > 1,000 deliveries/s with a fast endpoint.
+DEFAULT_CONCURRENCY = 128
+#: Messages claimed per Redis round trip.
+CLAIM_BATCH = 256
+#: A lease outlives the attempt's own timeout by this much before another pass may take the message again.
+LEASE_MARGIN_S = 60
+#: Longest the loop sleeps without a signal: bounds how late a message published by another process is noticed.
+IDLE_WAIT_S = 1.0
+#: Response bodies are kept (DLQ, events, callbacks) up to this size, as QStash truncates to its plan limit.
+MAX_RESPONSE_BODY = 64 * 1024
+
+
+@dataclass
+class Attempt:
+    """What one delivery attempt produced."""
+
+    status: int | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+    @property
+    def non_retryable(self) -> bool:
+        return self.status == 489 and self.headers.get("upstash-nonretryable-error", "").lower() == "true"
+
+
+class Dispatcher:
+    """Runs deliveries for one broker. ``signing_key`` is read at each attempt, so a rotation applies at once."""
+
+    def __init__(self, store: Store, flow: FlowControl, signing_key: Callable[[], str], *, time_scale: float = 1.0,
+                 concurrency: int = DEFAULT_CONCURRENCY) -> None:
+        self.store = store
+        self.flow = flow
+        self.signing_key = signing_key
+        self.time_scale = time_scale
+        self.concurrency = concurrency
+        self.wake = asyncio.Event()
+        self.in_flight: dict[str, asyncio.Task[None]] = {}
+        self.cancel_requested: set[str] = set()
+        self.dirty_queues: set[str] = set()
+        self._dlq_seq = itertools.count()
+        self._client: httpx.AsyncClient | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.delivered = 0
+
+    # lifecycle -------------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        moved = await self.store.recover()
+        if moved:
+            log.info("recovered %d in-flight or wait-listed messages from an earlier run", moved)
+        await self.flow.load()
+        self.dirty_queues.update(m.decode() for m in await self.store.r.smembers(self.store.k("queues")))
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        self._client = httpx.AsyncClient(limits=limits, follow_redirects=False, trust_env=False)
+        self._stopping = False
+        self._task = asyncio.create_task(self._run(), name="qstash-dispatcher")
+
+    async def stop(self) -> None:
+        """Stop claiming and cancel attempts in flight; their leases return them to due at the next start."""
+        self._stopping = True
+        self.wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        tasks = list(self.in_flight.values())
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._client is not None:
+            await self._client.aclose()
+
+    def poke(self, queue: str | None = None) -> None:
+        if queue:
+            self.dirty_queues.add(queue)
+        self.wake.set()
+
+    # the loop --------------------------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        last_lease_check = 0.0
+        while not self._stopping:
+            self.wake.clear()
+            try:
+                timeout = await self._pass()
+                if time.monotonic() - last_lease_check > 5:
+                    last_lease_check = time.monotonic()
+                    await self._reclaim_expired()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # Redis briefly unreachable: keep the loop alive, try again shortly
+                log.exception("dispatcher pass failed; retrying")
+                timeout = 0.5
+            if timeout > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), timeout)
+
+    async def _pass(self) -> float:
+        """One pass; returns how long to sleep (0 = go again at once) unless woken."""
+        now = now_ms()
+        await fire_due_schedules(self.store, self.flow, now)
+        for q in list(self.dirty_queues):
+            self.dirty_queues.discard(q)
+            await self.store.pump_queue(q, now)
+        rate_wake = await self.flow.release(time.time())
+        free = self.concurrency - len(self.in_flight)
+        if free <= 0:
+            return IDLE_WAIT_S
+        claimed = await self.store.claim(now, min(free, CLAIM_BATCH), now + 1000 * LEASE_MARGIN_S)
+        for mid, rec, body in claimed:
+            await self._dispatch(mid, rec, body)
+        if len(claimed) == min(free, CLAIM_BATCH):
+            return 0.0
+        waits = [IDLE_WAIT_S]
+        nxt = await self.store.next_due()
+        if nxt is not None:
+            waits.append(max(0.0, (nxt - now_ms()) / 1000))
+        sched = await self.store.r.zrange(self.store.k("schedule_due"), 0, 0, withscores=True)
+        if sched:
+            waits.append(max(0.0, sched[0][1] / 1000 - time.time()))
+        if rate_wake is not None:
+            waits.append(max(0.0, rate_wake - time.time()))
+        return min(waits)
+
+    async def _reclaim_expired(self) -> None:
+        expired = [m for m in await self.store.expired_leases(now_ms()) if m not in self.in_flight]
+        for mid in expired:
+            async with self.store.r.pipeline(transaction=True) as pipe:
+                pipe.zrem(self.store.k("lease"), mid)
+                pipe.zadd(self.store.k("due"), {mid: now_ms()})
+                await pipe.execute()
+        if expired:
+            log.warning("re-queued %d messages whose lease ran out", len(expired))
+
+    async def _dispatch(self, mid: str, rec: Record, body: bytes) -> None:
+        if rec.get("cancel") or mid in self.cancel_requested:
+            await self.finish_canceled(rec)
+            return
+        key = rec.get("flowControlKey")
+        if key:
+            if self.flow.get(key).blocked(time.time()):
+                await self.flow.park(key, mid, rec["notBefore"])
+                return
+            self.flow.start(key)
+        self.in_flight[mid] = asyncio.create_task(self._attempt(rec, body), name=f"deliver-{mid}")
+
+    # one attempt -----------------------------------------------------------------------------------------------
+    async def _attempt(self, rec: Record, body: bytes) -> None:
+        mid = rec["messageId"]
+        started = now_ms()
+        try:
+            result = await self._send(rec, body)
+            await self._record(rec, body, result, started)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a Redis failure while recording: the lease brings the message back, never lost
+            log.exception("recording the outcome of %s failed; it will be attempted again", mid)
+        finally:
+            self.in_flight.pop(mid, None)
+            if rec.get("flowControlKey"):
+                self.flow.finish(rec["flowControlKey"])
+            self.wake.set()
+
+    async def _send(self, rec: Record, body: bytes) -> Attempt:
+        assert self._client is not None
+        headers = {"User-Agent": "Upstash-QStash", "Upstash-Message-Id": rec["messageId"],
+                   "Upstash-Retried": str(rec.get("retried", 0))}
+        for name, values in (rec.get("header") or {}).items():
+            headers[name] = ", ".join(values)
+        if rec.get("contentType"):
+            headers["Content-Type"] = rec["contentType"]
+        for src, dst in (("topicName", "Upstash-Topic-Name"), ("scheduleId", "Upstash-Schedule-Id"),
+                         ("callerIP", "Upstash-Caller-Ip")):
+            if rec.get(src):
+                headers[dst] = rec[src]
+        headers["Upstash-Signature"] = sign(body, rec["url"], self.signing_key())
+        try:
+            resp = await self._client.request(rec["method"], rec["url"], content=body, headers=headers,
+                                              timeout=float(rec.get("timeout", 900)))
+            return Attempt(resp.status_code, {k.lower(): v for k, v in resp.headers.items()},
+                           resp.content[:MAX_RESPONSE_BODY])
+        except httpx.HTTPError as e:
+            return Attempt(error=f"{type(e).__name__}: {e}".rstrip(": "))
+
+    def _retry_delay_ms(self, rec: Record, result: Attempt) -> float:
+        retried = rec.get("retried", 0)
+        asked = retry_after_s(result.headers, time.time())
+        if asked is not None:
+            return asked * 1000 * self.time_scale
+        if rec.get("retryDelayExpression"):
+            try:
+                return eval_retry_delay_ms(rec["retryDelayExpression"], retried) * self.time_scale
+            except HeaderError:
+                log.warning("retry delay of %s no longer evaluates; using the default backoff", rec["messageId"])
+        return default_backoff_s(retried + 1) * 1000 * self.time_scale
+
+    async def _record(self, rec: Record, body: bytes, result: Attempt, started: int) -> None:
+        mid = rec["messageId"]
+        t = now_ms()
+        resp = response_fields(result.status, result.headers, result.body)
+        canceled = mid in self.cancel_requested
+        final_failure = not result.ok and (result.non_retryable or canceled
+                                           or rec.get("retried", 0) >= rec["maxRetries"])
+        async with self.store.r.pipeline(transaction=True) as pipe:
+            pipe.zrem(self.store.k("lease"), mid)
+            pipe_event(pipe, self.store, event(rec, "ACTIVE", started))
+            if rec.get("callback"):
+                self._callback(pipe, rec, body, result, failure=False, dlq_id=None)
+            if result.ok:
+                pipe_event(pipe, self.store, event(rec, "DELIVERED", t, responseStatus=result.status))
+                self._finish(pipe, rec, body)
+            elif canceled:
+                pipe_event(pipe, self.store, event(rec, "CANCELED", t))
+                self._finish(pipe, rec, body)
+            else:
+                pipe_event(pipe, self.store, event(rec, "ERROR", t, error=result.error or f"status {result.status}",
+                                                   **resp))
+                if final_failure:
+                    dlq_id = f"{t}-{next(self._dlq_seq)}"
+                    pipe_event(pipe, self.store, event(rec, "FAILED", t, error=result.error, **resp))
+                    pipe.hset(self.store.k("dlq", dlq_id), mapping={
+                        "rec": json.dumps({**rec, **resp, "dlqId": dlq_id}), "body": body})
+                    pipe.zadd(self.store.k("dlq"), {dlq_id: t})
+                    if rec.get("failureCallback"):
+                        self._callback(pipe, rec, body, result, failure=True, dlq_id=dlq_id)
+                    self._finish(pipe, rec, body)
+                else:
+                    wait = self._retry_delay_ms(rec, result)
+                    due = int(t + wait)
+                    rec = {**rec, "retried": rec.get("retried", 0) + 1}
+                    pipe.hset(self.store.k("msg", mid), "rec", json.dumps(rec))
+                    pipe.zadd(self.store.k("due"), {mid: due})
+                    pipe_event(pipe, self.store, event(rec, "RETRY", t, nextDeliveryTime=due))
+            await pipe.execute()
+        if result.ok:
+            self.delivered += 1
+        if rec.get("queueName") and (result.ok or final_failure or canceled):
+            self.dirty_queues.add(rec["queueName"])
+        self.cancel_requested.discard(mid)
+        log.debug("attempt %s of %s: %s", rec.get("retried", 0), mid, result.status or result.error)
+
+    def _finish(self, pipe: Pipeline, rec: Record, body: bytes) -> None:
+        """The writes that end a message: no longer live, readable for a grace period, its queue slot freed."""
+        mid = rec["messageId"]
+        pipe.srem(self.store.k("live"), mid)
+        pipe.expire(self.store.k("msg", mid), FINISHED_GRACE_S)
+        if rec.get("queueName"):
+            pipe.srem(self.store.k("queue", rec["queueName"], "active"), mid)
+
+    def _callback(self, pipe: Pipeline, rec: Record, body: bytes, result: Attempt, *, failure: bool,
+                  dlq_id: str | None) -> None:
+        url = rec["failureCallback" if failure else "callback"]
+        payload = callback_body(rec, body, result.status, result.headers, result.body, dlq_id=dlq_id)
+        spec = callback_spec(rec, failure)
+        t = now_ms()
+        cb = make_message(spec, url, caller_ip=rec.get("callerIP"), created=t,
+                          kind="failureCallback" if failure else "callback")
+        pipe_message(pipe, self.store, cb, payload)
+        pipe_event(pipe, self.store, event(cb, "CREATED", t))
+        self.wake.set()
+
+    async def finish_canceled(self, rec: Record) -> None:
+        """End a message that was canceled before (or instead of) its next attempt."""
+        mid = rec["messageId"]
+        async with self.store.r.pipeline(transaction=True) as pipe:
+            pipe.zrem(self.store.k("lease"), mid)
+            pipe_event(pipe, self.store, event(rec, "CANCELED", now_ms()))
+            self._finish(pipe, rec, b"")
+            await pipe.execute()
+        self.cancel_requested.discard(mid)
+        if rec.get("queueName"):
+            self.dirty_queues.add(rec["queueName"])

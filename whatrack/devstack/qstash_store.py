@@ -1,0 +1,207 @@
+"""The offline QStash broker's durable state in Redis: every key under one prefix, every acceptance atomic.
+
+Layout (``P`` = the prefix, default ``qstash:``), chosen so that a broker killed at any instant loses nothing:
+
+    P:msg:<id>            hash  rec (JSON record), body (raw bytes)
+    P:live                set   ids of messages not yet finished (delivered, failed or canceled)
+    P:due                 zset  id → unix ms when the next attempt is due (scheduled, waiting to run)
+    P:lease               zset  id → unix ms when an in-flight attempt's lease runs out; moved back to P:due on
+                                restart (at-least-once: an attempt cut by a crash is made again)
+    P:events              stream  one JSON event per state change, trimmed to ~EVENTS_MAXLEN
+    P:dlq                 zset  dlqId → ms;  P:dlq:<dlqId>  hash rec (record + response), body
+    P:dedup:<key>         string  the original publish response, for DEDUP_TTL_S
+    P:keys                hash  current, next (signing keys; what is stored wins over the command line)
+    P:queues              set   queue names;  P:queue:<name> hash (parallelism, paused, createdAt, updatedAt)
+    P:queue:<name>:items  list  FIFO of waiting ids;  P:queue:<name>:active  set  ids taken from the list, not done
+    P:schedules           hash  id → JSON;  P:schedule_due  zset  id → ms of the next trigger
+    P:topics              hash  URL-group name → JSON
+    P:fc                  hash  flow-control key → JSON config;  P:fc:<key>:wait  zset  id → ms (the waitlist)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import redis.asyncio as aredis
+from redis.asyncio.client import Pipeline
+
+from whatrack.devstack.qstash_model import Record
+
+log = logging.getLogger("whatrack.devstack.qstash_store")
+
+#: QStash's deduplication window is 10 minutes (docs, features/deduplication).
+DEDUP_TTL_S = 600
+#: How long a finished message stays readable through GET /v2/messages/<id>: the py SDK's tests read a message right
+#: after publishing it to an endpoint that answers at once (protocols/qstash.md §4.1).
+FINISHED_GRACE_S = 300
+#: Events kept (approximate trim): enough for a load test of tens of thousands of messages, bounded memory.
+EVENTS_MAXLEN = 500_000
+
+# Dedup check and acceptance in one atomic step: nothing is written unless the dedup key was new, and the dedup key is
+# never written without the message (a crash between the two would otherwise lose a message or deliver it twice).
+# ARGV: dedup key ("" for none), response, ttl, then commands as (argc, cmd, args...).
+_ACCEPT = """
+if ARGV[1] ~= '' then
+  local ok = redis.call('SET', ARGV[1], ARGV[2], 'NX', 'EX', ARGV[3])
+  if not ok then return redis.call('GET', ARGV[1]) end
+end
+local i = 4
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
+return false
+"""
+
+# Claim up to ARGV[2] due messages: move them from P:due to P:lease and return (id, rec, body) triples.
+_CLAIM = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local out = {}
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
+  local v = redis.call('HMGET', ARGV[4] .. id, 'rec', 'body')
+  if v[1] then
+    redis.call('ZADD', KEYS[2], ARGV[3], id)
+    table.insert(out, id); table.insert(out, v[1]); table.insert(out, v[2] or '')
+  end
+end
+return out
+"""
+
+# Move queue heads to P:due while the queue is not paused and has fewer than `parallelism` active messages.
+_PUMP = """
+local meta = redis.call('HMGET', KEYS[1], 'parallelism', 'paused')
+if meta[2] == '1' then return 0 end
+local par = tonumber(meta[1] or '1')
+local moved = 0
+while redis.call('SCARD', KEYS[3]) < par do
+  local id = redis.call('LPOP', KEYS[2])
+  if not id then break end
+  local rec = redis.call('HGET', ARGV[2] .. id, 'rec')
+  if rec then
+    local nb = cjson.decode(rec)['notBefore'] or 0
+    local due = math.max(nb, tonumber(ARGV[1]))
+    redis.call('SADD', KEYS[3], id)
+    redis.call('ZADD', KEYS[4], due, id)
+    moved = moved + 1
+  end
+end
+return moved
+"""
+
+
+class Store:
+    """Typed access to the broker's Redis keys. One instance per broker; ``client`` returns bytes."""
+
+    def __init__(self, client: aredis.Redis, prefix: str = "qstash:") -> None:
+        # redis-py's asyncio stubs declare the sync return types (str | bytes unions, non-awaitables): typed as Any
+        # here, with the decoding done at each call site, rather than a cast at every one.
+        self.r: Any = client
+        self.p = prefix
+        self._accept = client.register_script(_ACCEPT)
+        self._claim = client.register_script(_CLAIM)
+        self._pump = client.register_script(_PUMP)
+
+    # key names -------------------------------------------------------------------------------------------------
+    def k(self, *parts: str) -> str:
+        return self.p + ":".join(parts)
+
+    # messages --------------------------------------------------------------------------------------------------
+    def message_commands(self, rec: Record, body: bytes) -> list[list[Any]]:
+        """The writes that accept one message: stored, live, and either due or waiting in its queue."""
+        mid = rec["messageId"]
+        cmds: list[list[Any]] = [["HSET", self.k("msg", mid), "rec", json.dumps(rec), "body", body],
+                                 ["SADD", self.k("live"), mid]]
+        queue = rec.get("queueName")
+        if queue:  # enqueue creates a missing queue (parallelism 1, running)
+            qkey = self.k("queue", queue)
+            cmds += [["SADD", self.k("queues"), queue], ["HSETNX", qkey, "parallelism", 1],
+                     ["HSETNX", qkey, "paused", "0"], ["HSETNX", qkey, "createdAt", rec["createdAt"]],
+                     ["HSETNX", qkey, "updatedAt", rec["createdAt"]],
+                     ["RPUSH", self.k("queue", queue, "items"), mid]]
+        else:
+            cmds.append(["ZADD", self.k("due"), rec["notBefore"], mid])
+        return cmds
+
+    def event_command(self, ev: Record) -> list[Any]:
+        return ["XADD", self.k("events"), "MAXLEN", "~", EVENTS_MAXLEN, "*", "e", json.dumps(ev)]
+
+    async def accept(self, commands: list[list[Any]], dedup: str | None, response: Any) -> Any | None:
+        """Run ``commands`` atomically unless ``dedup`` was seen in the window; then return the earlier response."""
+        argv: list[Any] = [self.k("dedup", dedup) if dedup else "", json.dumps(response), DEDUP_TTL_S]
+        for cmd in commands:
+            argv.append(len(cmd))
+            argv.extend(cmd)
+        found = await self._accept(keys=[], args=argv)
+        return json.loads(found) if found else None
+
+    async def claim(self, now: int, count: int, lease_until: int) -> list[tuple[str, Record, bytes]]:
+        flat = await self._claim(keys=[self.k("due"), self.k("lease")],
+                                 args=[now, count, lease_until, self.k("msg", "")])
+        return [(flat[i].decode(), json.loads(flat[i + 1]), bytes(flat[i + 2])) for i in range(0, len(flat), 3)]
+
+    async def next_due(self) -> int | None:
+        first = await self.r.zrange(self.k("due"), 0, 0, withscores=True)
+        return int(first[0][1]) if first else None
+
+    async def get_message(self, mid: str) -> tuple[Record, bytes] | None:
+        rec, body = await self.r.hmget(self.k("msg", mid), ["rec", "body"])
+        return (json.loads(rec), bytes(body or b"")) if rec else None
+
+    async def recover(self) -> int:
+        """After a restart: every leased (in-flight at the crash) and wait-listed message becomes due now."""
+        moved = 0
+        leased = await self.r.zrange(self.k("lease"), 0, -1, withscores=True)
+        fc_waits = [k async for k in self.r.scan_iter(match=self.k("fc", "*", "wait"))]
+        async with self.r.pipeline(transaction=True) as pipe:
+            for mid, score in leased:
+                pipe.zadd(self.k("due"), {mid: score}, nx=True)
+                moved += 1
+            pipe.delete(self.k("lease"))
+            for wkey in fc_waits:
+                for mid, score in await self.r.zrange(wkey, 0, -1, withscores=True):
+                    pipe.zadd(self.k("due"), {mid: score}, nx=True)
+                    moved += 1
+                pipe.delete(wkey)
+            await pipe.execute()
+        return moved
+
+    async def expired_leases(self, now: int) -> list[str]:
+        return [m.decode() for m in await self.r.zrangebyscore(self.k("lease"), "-inf", now)]
+
+    async def pump_queue(self, name: str, now: int) -> int:
+        return int(await self._pump(keys=[self.k("queue", name), self.k("queue", name, "items"),
+                                          self.k("queue", name, "active"), self.k("due")],
+                                    args=[now, self.k("msg", "")]))
+
+    # events ----------------------------------------------------------------------------------------------------
+    async def events_page(self, cursor: str | None, chunk: int) -> list[tuple[str, Record]]:
+        """Events newest first, strictly older than ``cursor`` (a stream id)."""
+        top = f"({cursor}" if cursor else "+"
+        rows = await self.r.xrevrange(self.k("events"), max=top, min="-", count=chunk)
+        return [(rid.decode(), json.loads(fields[b"e"])) for rid, fields in rows]
+
+    # small JSON hashes -----------------------------------------------------------------------------------------
+    async def hget_json(self, key: str, field: str) -> Record | None:
+        raw = await self.r.hget(key, field)
+        return json.loads(raw) if raw else None
+
+    async def hall_json(self, key: str) -> dict[str, Record]:
+        return {k.decode(): json.loads(v) for k, v in (await self.r.hgetall(key)).items()}
+
+    async def hset_json(self, key: str, field: str, value: Record) -> None:
+        await self.r.hset(key, field, json.dumps(value))
+
+
+def pipe_event(pipe: Pipeline, store: Store, ev: Record) -> None:
+    """Append an event write to ``pipe``."""
+    pipe.xadd(store.k("events"), {"e": json.dumps(ev)}, maxlen=EVENTS_MAXLEN, approximate=True)
+
+
+def pipe_message(pipe: Pipeline, store: Store, rec: Record, body: bytes) -> None:
+    """Append the acceptance of a new message (callbacks, schedule triggers) to ``pipe``."""
+    for cmd in store.message_commands(rec, body):
+        pipe.execute_command(*cmd)
