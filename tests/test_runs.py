@@ -1,0 +1,233 @@
+"""whatrack.runs: parameters, executing tiny throwaway notebooks with papermill, reports, and the secrets scan."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from whatrack import runs, runs_params, runs_scan
+from whatrack.errors import RunError
+
+PARAMS = "sample_size: int = 3  # messages\nlabel: str = 'x'  # a label\nratio: float = 0.5  # a ratio\n" \
+         "dry_run: bool = True  # copy nothing"
+
+
+def write_nb(path: Path, *cells: str, params: str = PARAMS, title: str = "Tiny phase") -> Path:
+    """A notebook: a markdown title, a tagged parameters cell, then the code cells given."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    p = nbformat.v4.new_code_cell(params)
+    p.metadata["tags"] = ["parameters"]
+    nb.cells = [nbformat.v4.new_markdown_cell(f"# {title}\nWhat it does."), p,
+                *(nbformat.v4.new_code_cell(c) for c in cells)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+    return path
+
+
+def cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="whatrack")
+    runs.add_commands(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+# -- parameters ----------------------------------------------------------------------------------------------------
+
+
+def test_declared_parameters_come_from_the_tagged_cell(tmp_path: Path) -> None:
+    nb = write_nb(tmp_path / "00_a.ipynb", "pass")
+    d = runs_params.declared(nb)
+    assert list(d) == ["sample_size", "label", "ratio", "dry_run"]
+    assert d["sample_size"].type_name == "int" and d["sample_size"].help == "messages"
+
+
+def test_a_notebook_without_a_parameters_cell_is_an_error(tmp_path: Path) -> None:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("x = 1")]
+    nbformat.write(nb, tmp_path / "00_bare.ipynb")
+    with pytest.raises(RunError, match="no cell tagged 'parameters'"):
+        runs_params.declared(tmp_path / "00_bare.ipynb")
+
+
+def test_values_are_coerced_to_the_declared_type(tmp_path: Path) -> None:
+    nbs = {"00_a": write_nb(tmp_path / "00_a.ipynb"), "10_b": write_nb(tmp_path / "10_b.ipynb")}
+    got = runs_params.resolve(runs_params.parse_assignments(
+        ["sample_size=50", "ratio=2", "dry_run=no", "10_b.label=hello=world"]), nbs)
+    assert got["00_a"] == {"sample_size": 50, "ratio": 2.0, "dry_run": False}
+    assert got["10_b"] == {"sample_size": 50, "ratio": 2.0, "dry_run": False, "label": "hello=world"}
+    assert type(got["00_a"]["ratio"]) is float
+
+
+def test_unknown_parameter_names_the_known_ones(tmp_path: Path) -> None:
+    nbs = {"00_a": write_nb(tmp_path / "00_a.ipynb")}
+    with pytest.raises(RunError) as e:
+        runs_params.resolve([(None, "sampel_size", "3")], nbs)
+    assert "unknown parameter 'sampel_size'" in str(e.value)
+    assert "dry_run, label, ratio, sample_size" in str(e.value)
+
+
+@pytest.mark.parametrize(("item", "problem"), [
+    ("sample_size=many", "is not a int"),
+    ("dry_run=maybe", "is not a bool"),
+    ("no_equals_sign", "expected name=value"),
+    ("20.label=x", "phase '20' is not in this run"),
+])
+def test_bad_values_are_clear_errors(tmp_path: Path, item: str, problem: str) -> None:
+    nbs = {"00_a": write_nb(tmp_path / "00_a.ipynb")}
+    with pytest.raises(RunError, match=problem):
+        runs_params.resolve(runs_params.parse_assignments([item]), nbs)
+
+
+def test_a_secret_is_never_a_parameter(tmp_path: Path) -> None:
+    nbs = {"00_a": write_nb(tmp_path / "00_a.ipynb")}
+    with pytest.raises(RunError, match="secrets are never parameters") as e:
+        runs_params.resolve([(None, "label", "qstash-token-value-123")], nbs, ["qstash-token-value-123"])
+    assert "qstash-token-value-123" not in str(e.value)
+
+
+def test_choose_phases_by_number_or_name(tmp_path: Path) -> None:
+    for n in ("00_prepare", "10_redis_migration", "90_acceptance"):
+        write_nb(tmp_path / f"{n}.ipynb")
+    avail = runs.discover(tmp_path)
+    assert list(runs.choose(avail, ["90", "redis_migration"])) == ["10_redis_migration", "90_acceptance"]
+    assert list(runs.choose(avail, [])) == list(avail)
+    with pytest.raises(RunError, match="phases: 00_prepare, 10_redis_migration, 90_acceptance"):
+        runs.choose(avail, ["50"])
+
+
+def test_unknown_parameter_exits_2_before_anything_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_nb(tmp_path / "nb" / "00_a.ipynb", "pass")
+    assert cli("run", "--notebooks", str(tmp_path / "nb"), "--no-stack", "-p", "nope=1") == 2
+    assert "unknown parameter 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+# -- record / load_results -----------------------------------------------------------------------------------------
+
+
+def test_record_outside_a_run_writes_under_runs_lab(tmp_path: Path) -> None:
+    import pandas as pd
+
+    p = runs.record("10_x", {"checks": [runs.check("copied", True, "3 keys")],
+                             "table": pd.DataFrame({"a": [1, 2]})})
+    assert p == tmp_path / "runs" / "lab" / "10_x" / "results.json"
+    got = runs.load_results()["10_x"]
+    assert got["passed"] is True and got["table"] == [{"a": 1}, {"a": 2}]
+    runs.record("20_y", {"checks": [runs.check("verified", False, "1 missing")]})
+    assert runs.load_results()["20_y"]["passed"] is False
+
+
+# -- runs ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_passing_run_writes_index_results_and_provenance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WHATRACK_TEST_MARK", "from-the-runner")
+    nb_dir = tmp_path / "nb"
+    write_nb(nb_dir / "00_first.ipynb",
+             "import os\nimport matplotlib.pyplot as plt\nimport whatrack.runs\n"
+             "plt.plot([1, 2, sample_size])\nplt.show()",
+             "assert os.environ['WHATRACK_TEST_MARK'] == 'from-the-runner'  # env reaches the kernel",
+             "whatrack.runs.record('00_first', {'checks': [whatrack.runs.check('size', sample_size == 7, "
+             "sample_size)]})", title="First phase")
+    write_nb(nb_dir / "90_acceptance.ipynb",
+             "import whatrack.runs\nr = whatrack.runs.load_results()\nassert r['00_first']['passed']",
+             "whatrack.runs.record('90_acceptance', {'criteria': [whatrack.runs.criterion("
+             "'no message lost', r['00_first']['passed'], 'ledger: 0 lost')]})", title="Acceptance")
+    out = runs.execute(assignments=["sample_size=7"], notebook_dir=nb_dir, runs_dir=tmp_path / "runs",
+                       use_stack=False)
+    assert out.ok, out.data["failure"]
+    d = out.run_dir
+    assert d.parent == tmp_path / "runs"
+    for f in ("index.html", "run.json", "00_first/00_first.ipynb", "00_first/00_first.html",
+              "00_first/results.json", "90_acceptance/results.json"):
+        assert (d / f).is_file(), f
+    data = json.loads((d / "run.json").read_text())
+    assert data["status"] == "passed" and data["mode"] == "offline"
+    assert data["phases"][0]["parameters"] == {"sample_size": 7}
+    assert data["provenance"]["packages"]["papermill"]
+    assert {"git_commit", "git_dirty", "python"} <= set(data["provenance"])
+    assert data["scan"]["clean"] is True
+    assert data["acceptance"] == [{"criterion": "no message lost", "verdict": "pass", "evidence": "ledger: 0 lost"}]
+    fig = d / data["phases"][0]["figures"][0]
+    assert fig.read_bytes().startswith(b"\x89PNG")
+    index = (d / "index.html").read_text()
+    assert "First phase" in index and "no message lost" in index and 'href="00_first/00_first.html"' in index
+    # the executed notebook carries the injected parameter, not the environment
+    executed = (d / "00_first" / "00_first.ipynb").read_text()
+    assert "sample_size = 7" in executed and "from-the-runner" not in executed.split("injected-parameters")[1][:400]
+    # re-rendering the index works from the files alone
+    (d / "index.html").unlink()
+    assert cli("report", str(d)) == 0 and (d / "index.html").is_file()
+
+
+@pytest.mark.slow
+def test_a_failing_cell_fails_the_run_and_the_index_names_it(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    nb_dir = tmp_path / "nb"
+    write_nb(nb_dir / "00_ok.ipynb", "x = 1")
+    write_nb(nb_dir / "10_broken.ipynb", "y = 2", "assert sample_size < 2, f'too many: {sample_size}'")
+    write_nb(nb_dir / "20_after.ipynb", "z = 3")
+    code = cli("run", "--notebooks", str(nb_dir), "--no-stack", "--runs-dir", str(tmp_path / "runs"))
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "phase 10_broken failed at cell 3: AssertionError: too many: 3" in err
+    (d,) = (tmp_path / "runs").iterdir()
+    data = json.loads((d / "run.json").read_text())
+    assert [p["status"] for p in data["phases"]] == ["passed", "failed", "not-run"]
+    e = data["phases"][1]["error"]
+    assert (e["cell_index"], e["ename"], e["evalue"]) == (3, "AssertionError", "too many: 3")
+    assert "assert sample_size < 2" in e["source"]
+    index = (d / "index.html").read_text()
+    assert "10_broken" in index and "Failed in cell 3" in index and "assert sample_size &lt; 2" in index
+    assert (d / "10_broken" / "10_broken.html").is_file()
+
+
+@pytest.mark.slow
+def test_a_secret_printed_by_a_notebook_fails_the_run_without_showing_it(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    token = "qstash-planted-token-4f9a1c2e7b"
+    jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJodHRwczovL2V4YW1wbGUifQ.c2lnbmF0dXJlLXNpZ25hdHVyZQ"
+    nb_dir = tmp_path / "nb"
+    write_nb(nb_dir / "00_leaky.ipynb", "x = 1", "import os\nprint('token is', os.environ['QSTASH_TOKEN'])",
+             f"print('{jwt[:20]}' + '{jwt[20:]}')")
+    monkeypatch.setenv("QSTASH_TOKEN", token)
+    monkeypatch.setenv("QSTASH_URL", "http://127.0.0.1:1")
+    out = runs.execute(notebook_dir=nb_dir, runs_dir=tmp_path / "runs", use_stack=False)
+    assert not out.ok
+    assert out.data["phases"][0]["status"] == "passed"  # the notebook ran; the scan failed the run
+    found = {(f["file"], f["cell"], f["kind"], f["setting"]) for f in out.data["scan"]["findings"]}
+    assert ("00_leaky/00_leaky.ipynb", 3, "secret value", "QSTASH_TOKEN") in found
+    assert ("00_leaky/00_leaky.ipynb", 4, "JWT-shaped token", None) in found
+    assert any(f[0] == "00_leaky/00_leaky.html" for f in found)
+    assert "QSTASH_TOKEN" in out.data["failure"] and "00_leaky.ipynb cell 3" in out.data["failure"]
+    for p in out.run_dir.rglob("*"):
+        if p.is_file():
+            b = p.read_bytes()
+            assert token.encode() not in b and jwt.encode() not in b, p
+    assert "secret value (QSTASH_TOKEN)" in (out.run_dir / "index.html").read_text()
+
+
+# -- the scan itself -----------------------------------------------------------------------------------------------
+
+
+def test_scan_finds_values_quoted_values_and_token_shapes(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("password=p%40ss%2Fword99 in a URL")
+    (tmp_path / "b.log").write_text("Authorization: Bearer abcdefghijklmnop1234")
+    (tmp_path / "c.txt").write_text("sig_7kYqQ3vR8nK2mP9wX4tL6 and nothing else")
+    (tmp_path / "clean.txt").write_text("nothing to see; short=abc; eyJnot.a.jwt")
+    (tmp_path / "stack").mkdir()
+    (tmp_path / "stack" / "env").write_text("QSTASH_TOKEN=p@ss/word99")
+    secrets = [("UPSTASH_REDIS_URL password", "p@ss/word99"), ("X", "abc")]
+    found = runs_scan.scan_dir(tmp_path, secrets, exclude=[tmp_path / "stack"])
+    assert sorted((f.file, f.kind) for f in found) == [
+        ("a.txt", "secret value"), ("b.log", "Bearer credential"), ("c.txt", "QStash signing key (sig_...)")]
+    assert all("p@ss" not in f.describe() and "sig_7k" not in f.describe() for f in found)
+    runs_scan.redact(tmp_path, found, secrets)
+    assert runs_scan.scan_dir(tmp_path, secrets, exclude=[tmp_path / "stack"]) == []
+    assert (tmp_path / "a.txt").read_text() == "password=******** in a URL"
