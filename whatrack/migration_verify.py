@@ -1,0 +1,198 @@
+"""Verify a copy both ways: every key (missing, extra, type, value digest, TTL) and every BullMQ job (state,
+attempts made, due time of delayed jobs, payload digest), with capped lists of the offenders and a one-line verdict.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import redis
+
+from whatrack import redis_tcp
+from whatrack.migration_keys import (BULL_PREFIX, STATE_LISTS, STATE_ZSETS, delayed_due_ms, is_own_key,
+                                     map_to_source, map_to_target, queue_key, url_db, with_db)
+from whatrack.migration_queues import find_queues, scan_batches, source_databases
+from whatrack.migration_values import digest, read_types, read_values
+from whatrack.settings import mask_url
+
+log = logging.getLogger("whatrack.migration_verify")
+
+#: Offending keys listed per kind; the counts are always complete.
+SAMPLE_CAP = 20
+#: Job ids whose hashes are compared in one pipeline.
+JOB_BATCH = 500
+
+KINDS = ("missing", "extra", "type", "value", "ttl", "job")
+
+
+@dataclass
+class VerifyReport:
+    """Counts per kind of difference, capped samples of the offenders, and the verdict."""
+
+    source: str
+    target: str
+    source_keys: int = 0
+    target_keys: int = 0
+    jobs: int = 0
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    samples: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in KINDS})
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not any(self.counts.values())
+
+    @property
+    def mismatched(self) -> int:
+        return self.counts["type"] + self.counts["value"] + self.counts["ttl"] + self.counts["job"]
+
+    @property
+    def verdict(self) -> str:
+        c = self.counts
+        head = "CLEAN" if self.ok else "MISMATCH"
+        first = next((f"; e.g. {k}: {self.samples[k][0]}" for k in KINDS if self.samples[k]), "")
+        return (f"verify {head}: {self.source_keys} source keys, {self.target_keys} target keys, {self.jobs} jobs; "
+                f"{c['missing']} missing, {c['extra']} extra, {c['type']} type, {c['value']} value, "
+                f"{c['ttl']} ttl, {c['job']} job mismatches{first}")
+
+    def flag(self, kind: str, what: str) -> None:
+        self.counts[kind] += 1
+        if len(self.samples[kind]) < SAMPLE_CAP:
+            self.samples[kind].append(what)
+
+
+def verify(source_url: str, target_url: str, *, ca_bundle: str | None = None, ttl_tolerance_s: float = 2.0,
+           batch: int = 500, db_prefix_map: dict[int, str] | None = None, prefix: str = BULL_PREFIX,
+           check_jobs: bool = True) -> VerifyReport:
+    """Compare the source (all databases, remapped as the copy does) with the target, both ways.
+
+    Never raises for a difference: differences are the report. Raises redis errors only when a server is gone.
+    """
+    t0 = time.monotonic()
+    rep = VerifyReport(source=mask_url(source_url) or "", target=mask_url(target_url) or "")
+    main_db = url_db(source_url)
+    src = redis_tcp.connect_sync(source_url, ca_bundle=ca_bundle)
+    dst = redis_tcp.connect_sync(target_url, ca_bundle=ca_bundle)
+    clients: dict[int, redis.Redis] = {main_db: src}
+    tol_ms = int(ttl_tolerance_s * 1000)
+    try:
+        for db in source_databases(src, main_db):
+            c = clients.setdefault(db, redis_tcp.connect_sync(with_db(source_url, db), ca_bundle=ca_bundle))
+            for _cur, keys in scan_batches(c, 0, batch):
+                keys = [k for k in keys if not is_own_key(k)]
+                rep.source_keys += len(keys)
+                _compare(rep, c, dst, keys, [map_to_target(db, k, db_prefix_map, main_db) for k in keys], tol_ms)
+        for _cur, keys in scan_batches(dst, 0, batch):
+            keys = [k for k in keys if not is_own_key(k)]
+            rep.target_keys += len(keys)
+            by_db: dict[int, list[tuple[bytes, bytes]]] = defaultdict(list)
+            for k in keys:
+                db, sk = map_to_source(k, db_prefix_map, main_db)
+                by_db[db].append((k, sk))
+            for db, pairs in by_db.items():
+                if db not in clients:
+                    clients[db] = redis_tcp.connect_sync(with_db(source_url, db), ca_bundle=ca_bundle)
+                pipe = clients[db].pipeline(transaction=False)
+                for _k, sk in pairs:
+                    pipe.exists(sk)
+                for (k, _sk), there in zip(pairs, pipe.execute(), strict=True):
+                    if not there:
+                        rep.flag("extra", k.decode(errors="replace"))
+        if check_jobs:
+            for q in sorted(set(find_queues(src, prefix)) | set(find_queues(dst, prefix))):
+                _compare_jobs(rep, src, dst, q, prefix)
+    finally:
+        for c in {id(c): c for c in (*clients.values(), dst)}.values():
+            with contextlib.suppress(redis.RedisError):
+                c.close()
+    rep.seconds = time.monotonic() - t0
+    log.info("%s (%.1f s)", rep.verdict, rep.seconds)
+    return rep
+
+
+def _compare(rep: VerifyReport, src: redis.Redis, dst: redis.Redis, skeys: list[bytes], tkeys: list[bytes],
+             tol_ms: int) -> None:
+    if not skeys:
+        return
+    smeta, tmeta = read_types(src, skeys), read_types(dst, tkeys)
+    svals, tvals = read_values(src, skeys, smeta), read_values(dst, tkeys, tmeta)
+    for tk, (st, sp, _), (tt, tp, _), sv, tv in zip(tkeys, smeta, tmeta, svals, tvals, strict=True):
+        name = tk.decode(errors="replace")
+        if st == "none":
+            continue  # expired on the source since the SCAN returned it
+        if tt == "none":
+            rep.flag("missing", name)
+        elif st != tt:
+            rep.flag("type", f"{name} ({st} -> {tt})")
+        elif digest(sv) != digest(tv):
+            rep.flag("value", name)
+        elif (sp < 0) != (tp < 0) or (sp >= 0 and abs(sp - tp) > tol_ms):
+            rep.flag("ttl", f"{name} (pttl {sp} -> {tp} ms)")
+
+
+def _job_states(c: redis.Redis, q: str, prefix: str) -> dict[str, tuple[str, int | None]]:
+    """job id -> (state, due ms for delayed jobs), read from the state structures in chunks."""
+    out: dict[str, tuple[str, int | None]] = {}
+    for s in STATE_LISTS:
+        for ids in _chunks(lambda a, b, k=queue_key(q, s, prefix): c.lrange(k, a, b)):
+            for i in ids:
+                out[i.decode()] = (s, None)
+    for s in STATE_ZSETS:
+        key = queue_key(q, s, prefix)
+        for pairs in _chunks(lambda a, b, k=key: c.zrange(k, a, b, withscores=True)):
+            for m, score in pairs:
+                out[m.decode()] = (s, delayed_due_ms(score) if s == "delayed" else None)
+    return out
+
+
+def _chunks(fetch: object, size: int = 5000) -> Iterator[list[object]]:
+    start = 0
+    while True:
+        part = fetch(start, start + size - 1)  # type: ignore[operator]
+        yield part
+        if len(part) < size:
+            return
+        start += size
+
+
+def _compare_jobs(rep: VerifyReport, src: redis.Redis, dst: redis.Redis, q: str, prefix: str) -> None:
+    """Per job: the same state, the same due time when delayed, the same attempts made and payload digest."""
+    a, b = _job_states(src, q, prefix), _job_states(dst, q, prefix)
+    for jid in a.keys() | b.keys():
+        if a.get(jid) != b.get(jid):
+            rep.flag("job", f"{q}/{jid}: {_fmt(a.get(jid))} -> {_fmt(b.get(jid))}")
+    ids = sorted(a.keys() & b.keys())
+    rep.jobs += len(a.keys() | b.keys())
+    for i in range(0, len(ids), JOB_BATCH):
+        part = ids[i:i + JOB_BATCH]
+        sides = []
+        for c in (src, dst):
+            pipe = c.pipeline(transaction=False)
+            for jid in part:
+                pipe.hmget(queue_key(q, jid, prefix), [b"atm", b"data"])
+            sides.append(pipe.execute())
+        for jid, (satm, sdata), (tatm, tdata) in zip(part, sides[0], sides[1], strict=True):
+            if satm != tatm:
+                rep.flag("job", f"{q}/{jid}: attemptsMade {_n(satm)} -> {_n(tatm)}")
+            elif _h(sdata) != _h(tdata):
+                rep.flag("job", f"{q}/{jid}: payload digest {_h(sdata)} -> {_h(tdata)}")
+
+
+def _fmt(x: tuple[str, int | None] | None) -> str:
+    if x is None:
+        return "absent"
+    return x[0] if x[1] is None else f"{x[0]} due {x[1]}"
+
+
+def _n(x: bytes | None) -> str:
+    return x.decode() if x else "0"
+
+
+def _h(x: bytes | None) -> str:
+    return hashlib.blake2b(x or b"", digest_size=8).hexdigest() if x is not None else "-"
