@@ -6,6 +6,7 @@ request is recorded with its exact body, URL and headers; ``behaviour`` decides 
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
@@ -43,8 +44,11 @@ def always(status: int = 200, headers: dict[str, str] | None = None, body: bytes
 class Receiver:
     """A recording endpoint. ``url(path)`` gives a delivery URL; ``hits`` the requests, in arrival order."""
 
-    def __init__(self, behaviour: Behaviour | None = None) -> None:
+    def __init__(self, behaviour: Behaviour | None = None, hold: float = 0.0) -> None:
         self.behaviour = behaviour or always()
+        self.hold = hold  # seconds each request is held open (to observe concurrency)
+        self.active = 0
+        self.max_active = 0
         self.hits: list[Hit] = []
         self.lock = threading.Lock()
         self.port = free_port()
@@ -64,6 +68,11 @@ class Receiver:
             n = sum(1 for h in self.hits if h.path == hit.path and
                     h.headers.get("upstash-message-id") == hit.headers.get("upstash-message-id"))
         status, headers, out = self.behaviour(hit, n)
+        if self.hold:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+            await asyncio.sleep(self.hold)
+            self.active -= 1
         return Response(out, status_code=status, headers=headers)
 
     def for_path(self, path: str) -> list[Hit]:
