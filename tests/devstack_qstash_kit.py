@@ -9,16 +9,21 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
+import pytest
 import uvicorn
+from qstash import QStash
+from qstash import Receiver as SdkReceiver
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from whatrack.devstack.qstash_broker import DEV_CURRENT_KEY, DEV_NEXT_KEY, DEV_TOKEN, Broker, BrokerThread
 from whatrack.devstack.servers import free_port, wait_for_port
 
 
@@ -99,3 +104,52 @@ def wait_until(check: Callable[[], Any], timeout: float = 20.0, what: str = "con
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(0.02)
+
+
+# broker fixtures and SDK helpers, imported by the test_devstack_qstash*.py modules ---------------------------------
+
+TIME_SCALE = 0.001  # retry delays: 12 ms, 148 ms, 1.8 s instead of 12 s, 2.5 min, 30 min
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """A recording endpoint that answers 200."""
+    with Receiver() as r:
+        yield r
+
+
+@pytest.fixture
+def broker(redis_url: str) -> Iterator[BrokerThread]:
+    """A broker on a free port, state in the test's (flushed) Redis, retry delays scaled by TIME_SCALE."""
+    with BrokerThread(Broker(redis_url, time_scale=TIME_SCALE)) as bt:
+        yield bt
+
+
+@pytest.fixture
+def client(broker: BrokerThread) -> Iterator[QStash]:
+    """The official sync client pointed at the broker."""
+    c = QStash(DEV_TOKEN, base_url=broker.url, retry=False)
+    yield c
+    c.http._client.close()  # the SDK has no close(); an unclosed httpx client is a ResourceWarning (an error here)
+
+
+def api(broker: BrokerThread, method: str, path: str, *, headers: dict[str, str] | None = None,
+        **kw: Any) -> httpx.Response:
+    """A raw API call, for the routes the py SDK does not call (JS forms, DLQ retry) and exact statuses."""
+    sent = {"Authorization": f"Bearer {DEV_TOKEN}"} if headers is None else headers
+    return httpx.request(method, broker.url + path, headers=sent, timeout=30, **kw)
+
+
+def verify(hit: Hit, url: str, keys: tuple[str, str] = (DEV_CURRENT_KEY, DEV_NEXT_KEY)) -> None:
+    """The official Receiver's check of one delivery (raises qstash.errors.SignatureError)."""
+    SdkReceiver(*keys).verify(signature=hit.headers["upstash-signature"], body=hit.body.decode(), url=url)
+
+
+def events(client: QStash, **flt: Any) -> list[Any]:
+    """Events through the SDK, newest first."""
+    return list(client.log.list(filter=flt, count=1000).logs)  # type: ignore[arg-type]
+
+
+def states(client: QStash, message_id: str) -> list[str]:
+    """A message's event states, oldest first."""
+    return [e.state.value for e in reversed(events(client, message_id=message_id))]

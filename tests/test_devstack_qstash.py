@@ -3,65 +3,34 @@ Node's ``@upstash/qstash`` Receiver, against real deliveries to a real HTTP rece
 
 from __future__ import annotations
 
+# ruff: noqa: F811  (the kit's fixtures are imported by name, and test arguments use the same names)
 import base64
 import json
-import logging
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import redis
+from devstack_qstash_kit import (  # noqa: F401  (fixtures: broker, client, receiver)
+    Hit,
+    Receiver,
+    api,
+    broker,
+    client,
+    events,
+    receiver,
+    states,
+    verify,
+    wait_until,
+)
 from qstash import AsyncQStash, QStash
-from qstash import Receiver as SdkReceiver
-from qstash.log import LogState
 from qstash.errors import QStashError, SignatureError
+from qstash.log import LogState
 
-from devstack_qstash_kit import Hit, Receiver, always, wait_until
-from whatrack.devstack.qstash_broker import DEV_CURRENT_KEY, DEV_NEXT_KEY, DEV_TOKEN, Broker, BrokerThread
+from whatrack.devstack.qstash_broker import DEV_CURRENT_KEY, DEV_NEXT_KEY, DEV_TOKEN, BrokerThread
 
 NODE_SCRIPT = Path(__file__).parent / "node" / "qstash_receiver.mjs"
-TIME_SCALE = 0.001  # retry delays: 12 ms, 148 ms, 1.8 s instead of 12 s, 2.5 min, 30 min
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    with Receiver() as r:
-        yield r
-
-
-@pytest.fixture
-def broker(redis_url: str) -> Iterator[BrokerThread]:
-    with BrokerThread(Broker(redis_url, time_scale=TIME_SCALE)) as bt:
-        yield bt
-
-
-@pytest.fixture
-def client(broker: BrokerThread) -> Iterator[QStash]:
-    c = QStash(DEV_TOKEN, base_url=broker.url, retry=False)
-    yield c
-    c.http._client.close()  # the SDK has no close(); an unclosed httpx client is a ResourceWarning (an error here)
-
-
-def api(broker: BrokerThread, method: str, path: str, *, headers: dict[str, str] | None = None,
-        **kw: object) -> httpx.Response:
-    """A raw API call, for the routes the py SDK does not call (JS forms, DLQ retry) and exact statuses."""
-    sent = {"Authorization": f"Bearer {DEV_TOKEN}"} if headers is None else headers
-    return httpx.request(method, broker.url + path, headers=sent, timeout=30, **kw)  # type: ignore[arg-type]
-
-
-def verify(hit: Hit, url: str, keys: tuple[str, str] = (DEV_CURRENT_KEY, DEV_NEXT_KEY)) -> None:
-    SdkReceiver(*keys).verify(signature=hit.headers["upstash-signature"], body=hit.body.decode(), url=url)
-
-
-def events(client: QStash, **flt: object) -> list[object]:
-    return list(client.log.list(filter=flt, count=1000).logs)  # type: ignore[arg-type]
-
-
-def states(client: QStash, message_id: str) -> list[str]:
-    return [e.state.value for e in reversed(events(client, message_id=message_id))]  # type: ignore[attr-defined]
 
 
 def test_publish_delivers_the_exact_signed_request(client: QStash, receiver: Receiver) -> None:
