@@ -3,6 +3,7 @@ the ``whatrack normalize`` command run as a real subprocess."""
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import subprocess
@@ -606,3 +607,15 @@ def test_cli_normalize_reports_bad_files_and_exits_1(fixtures_dir: Path, tmp_pat
         (str(broken), "error"), (str(good), "instance"), (str(missing), "error")]
     assert lines[0]["error"].startswith("not_json: ")
     assert lines[2]["error"].startswith("no_message_id: ")
+
+
+def test_cli_output_round_trips_unicode_and_lone_surrogates(fixtures_dir: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    body = load(fixtures_dir / "messages_inbound_text.json")
+    text = "ação 👋 \u0000 \ud800 fim"
+    body["message"]["text"] = text
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps(body), encoding="ascii")  # \ud800 travels as a JSON escape, as it may on the wire
+    assert uazapi._cmd_normalize(argparse.Namespace(paths=[str(path)])) == 0
+    [line] = capsys.readouterr().out.splitlines()
+    assert json.loads(line)["text"] == text
