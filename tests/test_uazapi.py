@@ -161,6 +161,14 @@ def test_an_id_without_owner_prefix_is_still_an_id(fixtures_dir: Path) -> None:
     assert (ev.external_id, ev.provider_id) == ("r0a1b2c3", f"{OWNER}:r0a1b2c3")
 
 
+def test_an_absurdly_long_message_id_is_a_payload_error(fixtures_dir: Path) -> None:
+    body = load(fixtures_dir / "messages_inbound_text.json")
+    body["message"]["messageid"] = "A" * 129
+    with pytest.raises(PayloadError) as info:
+        uazapi.normalize(body)
+    assert info.value.reason == "bad_message_id" and len(str(info.value)) < 300
+
+
 @pytest.mark.parametrize("junk", ["@s.whatsapp.net", "5511988887777@", "   ", 5511988887777, {"jid": "x"}])
 def test_a_junk_chat_id_falls_through_to_the_next_source(fixtures_dir: Path, junk: Any) -> None:
     body = load(fixtures_dir / "messages_outbound_text_fromme.json")
@@ -445,6 +453,7 @@ def test_connecting_instance_without_owner(fixtures_dir: Path) -> None:
     ({}, "missing_event_type"),
     ({"EventType": "groups", "event": {"Join": []}, "type": "Group"}, "unsupported_event_type"),
     ({"EventType": 42}, "unsupported_event_type"),
+    ({"EventType": [[[["deep"]]]]}, "unsupported_event_type"),
     ({"EventType": "newsletter_messages"}, "newsletter"),
     ({"EventType": "presence", "token": TOKEN}, "unsupported_event_type"),
     ({"event": "messages.update", "instance": "x", "data": {}}, "unsupported_event_type"),

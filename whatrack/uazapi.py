@@ -34,6 +34,7 @@ from whatrack.events import (
 from whatrack.uazapi_evolution import normalize_evolution
 from whatrack.uazapi_fields import (
     EMPTY,
+    MAX_ID_CHARS,
     as_bool,
     as_dict,
     as_float,
@@ -224,7 +225,8 @@ def normalize(body: Mapping[str, Any], *, received_at: datetime | None = None) -
         return Ignored(source, "newsletter: channel posts are not conversations")
     if event_type is None:
         return Ignored(source, "missing_event_type: the body has no EventType")
-    return Ignored(source, f"unsupported_event_type: {_clip(repr(event_type))}")
+    shown = _clip(repr(event_type)) if isinstance(event_type, (str, int, float)) else f"a JSON {_json_type(event_type)}"
+    return Ignored(source, f"unsupported_event_type: {shown}")
 
 
 def _source(env: Mapping[str, Any]) -> Source:
@@ -242,6 +244,9 @@ def _message(env: Mapping[str, Any], source: Source, received_at: datetime | Non
     if not external_id:
         raise PayloadError("no_message_id", "a 'messages' webhook without message.messageid or message.id can never "
                            "be stored: UAZAPI must send the message id (this delivery goes to the DLQ)")
+    if len(external_id) > MAX_ID_CHARS:
+        raise PayloadError("bad_message_id", f"message id {_clip(external_id)!r} is {len(external_id)} characters "
+                           f"long; WhatsApp ids are at most {MAX_ID_CHARS} (this delivery goes to the DLQ)")
     owner = source.owner or phone_digits(as_str(chat.get("owner")))
     if full_id and full_id.endswith(":" + external_id):
         provider_id = full_id
@@ -284,29 +289,18 @@ def _message(env: Mapping[str, Any], source: Source, received_at: datetime | Non
         sent_at = received_at or datetime.now(UTC)
         log.warning("message %s has no usable messageTimestamp: using the receive time", external_id)
     return MessageEvent(
-        source=source,
-        external_id=external_id,
-        provider_id=provider_id,
-        direction="outbound" if from_me else "inbound",
-        type=msg_type,
-        raw_type=raw_type,
-        chat_jid=chat_jid,
-        lead_jid=lead_jid,
-        lead_phone=lead_phone,
-        lead_name=lead_name,
-        is_group=is_group,
-        group_name=group_name,
-        participant_phone=participant,
-        text=_text(m, content, cdict, msg_type),
-        sent_at=sent_at,
+        source=source, external_id=external_id, provider_id=provider_id,
+        direction="outbound" if from_me else "inbound", type=msg_type, raw_type=raw_type,
+        chat_jid=chat_jid, lead_jid=lead_jid, lead_phone=lead_phone, lead_name=lead_name,
+        is_group=is_group, group_name=group_name, participant_phone=participant,
+        text=_text(m, content, cdict, msg_type), sent_at=sent_at,
         edit_of=bare_id(m.get("edited")),
         reaction_to=bare_id(m.get("reaction")) or (bare_id(as_dict(cdict.get("key")).get("ID"))
                                                     if msg_type == "reaction" else None),
         reply_to=bare_id(m.get("quoted")) or bare_id(as_dict(cdict.get("contextInfo")).get("stanzaID")),
         media=_media(m, cdict) if msg_type in _MEDIA_TYPES else None,
         location=_location(cdict) if msg_type == "location" else None,
-        sent_by_api=as_bool(m.get("wasSentByApi")),
-        track_id=as_str(m.get("track_id")),
+        sent_by_api=as_bool(m.get("wasSentByApi")), track_id=as_str(m.get("track_id")),
     )
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from whatrack.errors import PayloadError
 from whatrack.events import Event, Ignored, Location, Media, MessageEvent, Source
 from whatrack.uazapi_fields import (
+    MAX_ID_CHARS,
     as_bool,
     as_dict,
     as_float,
@@ -53,11 +54,13 @@ def normalize_evolution(env: Mapping[str, Any], *, received_at: datetime | None 
         return Ignored(source, f"unsupported_event_type: Evolution {name[:60]!r}")
     key = as_dict(data.get("key"))
     external_id = bare_id(key.get("id"))
-    if not external_id:
-        raise PayloadError("no_message_id", "an Evolution messages.upsert without data.key.id can never be stored")
+    if not external_id or len(external_id) > MAX_ID_CHARS:
+        raise PayloadError("no_message_id", "an Evolution messages.upsert without a usable data.key.id can never be "
+                           "stored (this delivery goes to the DLQ)")
     remote = as_str(key.get("remoteJid"))
     if remote is None or "@" not in remote:
-        raise PayloadError("no_chat_id", f"Evolution message {external_id} has no data.key.remoteJid")
+        raise PayloadError("no_chat_id", f"Evolution message {external_id} has no data.key.remoteJid (this delivery "
+                           "goes to the DLQ)")
     chat_jid = bare_jid(remote)
     skip = skip_reason(chat_jid)
     if skip:

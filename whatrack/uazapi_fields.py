@@ -16,6 +16,10 @@ from typing import Any
 #: The shared empty mapping returned for a missing or mistyped object (read-only: nobody can fill it by mistake).
 EMPTY: Mapping[str, Any] = MappingProxyType({})
 
+#: WhatsApp message ids are 20-40 characters (``AC`` + 32 hex from phones, ``3EB0`` + 18 from web); anything longer
+#: than this is not an id, and would only fail later in the database.
+MAX_ID_CHARS = 128
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NON_DIGITS = re.compile(r"[^0-9]+")
 _TRUE = frozenset({"true", "1", "yes", "t", "y"})
