@@ -275,6 +275,14 @@ def test_outbound_lid_chat_never_resolves_to_the_owner() -> None:
     assert ev.lead_name is None  # message.senderName is the owner's
 
 
+def test_a_fastid_holding_the_lid_digits_is_not_a_phone() -> None:
+    body = load(OWN / "messages_outbound_lid_chat.json")
+    body["chat"]["wa_fastid"] = f"{OWNER}:100000000000002"
+    ev = uazapi.normalize(body)
+    assert isinstance(ev, MessageEvent)
+    assert (ev.lead_jid, ev.lead_phone) == ("100000000000002@lid", None)
+
+
 def test_lid_chat_falls_back_to_the_formatted_chat_phone() -> None:
     body = load(OWN / "messages_outbound_lid_chat.json")
     body["chat"]["wa_fastid"] = ""

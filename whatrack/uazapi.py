@@ -331,7 +331,9 @@ def _lead_jid(chat_jid: str, server: str, m: Mapping[str, Any], chat: Mapping[st
     if pn is None:
         fast = as_str(chat.get("wa_fastid"))  # "<owner>:<counterpart digits>"
         tail = fast.rpartition(":")[2] if fast and ":" in fast else None
-        if tail and tail.isdigit() and tail.isascii():
+        # In a LID-only chat the fastid may carry the LID's digits: those are not a phone number.
+        lids = (chat_jid.partition("@")[0], bare_jid(as_str(chat.get("wa_chatlid")) or "").partition("@")[0])
+        if tail and tail.isdigit() and tail.isascii() and tail not in lids:
             pn = f"{tail}@s.whatsapp.net"
     if pn is None and not from_me:
         pn = pn_jid(m.get("sender_pn"))
