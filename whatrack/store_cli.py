@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -19,6 +20,8 @@ from whatrack.settings import Settings
 from whatrack.store import Store
 
 T = TypeVar("T")
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _with_store(fn: Callable[[Store], Awaitable[T]]) -> T:
@@ -45,6 +48,10 @@ def read_token(env_name: str | None, environ: dict[str, str] | None = None) -> s
     import os
 
     if env_name:
+        if not _ENV_NAME.fullmatch(env_name):
+            # Never echo it: a value that is not a variable name may well be the token itself.
+            raise ConfigError("--token-env", "must be the NAME of an environment variable holding the token "
+                                             "(letters, digits, _), not the token", "UAZAPI_INSTANCE_TOKEN")
         value = (os.environ if environ is None else environ).get(env_name, "").strip()
         if not value:
             raise ConfigError(env_name, "is not set or empty; export the instance token in it "
@@ -95,7 +102,9 @@ def _db_upgrade(args: argparse.Namespace) -> int:
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     inst = subparsers.add_parser("instances", help="register and list UAZAPI instances")
     isub = inst.add_subparsers(dest="instances_command", metavar="ACTION", required=True)
-    add = isub.add_parser("add", help="register (or update) an instance; only the token's hash is stored")
+    # allow_abbrev=False: otherwise `--token SECRET` would be taken for `--token-env SECRET`.
+    add = isub.add_parser("add", help="register (or update) an instance; only the token's hash is stored",
+                          allow_abbrev=False)
     add.add_argument("--organization", required=True, help="organization name (created when new)")
     add.add_argument("--name", required=True, help="the UAZAPI instance name (instanceName in webhooks)")
     add.add_argument("--owner", help="the instance's phone number, digits only")
