@@ -1,0 +1,359 @@
+"""A TCP proxy that breaks a link on command: latency, connection resets, or a full outage, each for N seconds.
+
+It sits in front of any part of the offline stack (PostgreSQL, Centrifugo, the "Upstash" Redis), carries TLS
+transparently (it only moves bytes), and optionally terminates TLS itself (``server_ssl``), which is how a
+redis-server built without TLS is made to look like Upstash. Control it from Python (:class:`FaultProxy` methods)
+or over HTTP (:func:`control_app`, driven by :class:`FaultControl`).
+
+    python -m whatrack.devstack.fault_proxy --listen-port 7001 --target 127.0.0.1:6379 --control-port 7002
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from whatrack.errors import StackError
+
+log = logging.getLogger("whatrack.devstack.fault_proxy")
+
+#: Read size per hop: large enough that bulk copies move in few syscalls, small enough to stay fair.
+CHUNK = 256 * 1024
+
+
+@dataclass
+class FaultState:
+    """What is broken right now. ``until`` is a monotonic deadline (``None``: until :meth:`FaultProxy.heal`)."""
+
+    latency_ms: float = 0.0
+    reset: bool = False
+    outage: bool = False
+    until: float | None = None
+    counters: dict[str, int] = field(default_factory=lambda: {"accepted": 0, "reset": 0, "refused_window": 0})
+
+
+def _abort_with_rst(writer: asyncio.StreamWriter) -> None:
+    """Close a connection with a TCP RST (SO_LINGER 0), the way a crashed peer or a middlebox does."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+class FaultProxy:
+    """An asyncio TCP proxy ``listen_host:listen_port`` → ``target_host:target_port`` with injectable faults."""
+
+    def __init__(self, target_host: str, target_port: int, *, listen_host: str = "127.0.0.1", listen_port: int = 0,
+                 server_ssl: ssl.SSLContext | None = None) -> None:
+        self.target = (target_host, target_port)
+        self.listen_host = listen_host
+        self.port = listen_port
+        self.server_ssl = server_ssl
+        self.state = FaultState()
+        self._server: asyncio.Server | None = None
+        self._conns: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter | None]] = set()
+        self._heal_task: asyncio.Task[None] | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
+
+    # -- lifecycle ------------------------------------------------------------------------------------------------
+
+    async def start(self) -> FaultProxy:
+        await self._listen()
+        log.info("fault proxy 127.0.0.1:%d -> %s:%d (tls termination: %s)", self.port, *self.target,
+                 self.server_ssl is not None)
+        return self
+
+    async def _listen(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.listen_host, self.port, ssl=self.server_ssl,
+                                                  reuse_address=True, limit=CHUNK)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        if self._heal_task:
+            self._heal_task.cancel()
+        if self._server:
+            self._server.close()
+            self._server = None
+        self._cut_all()
+        if self._handlers:  # let each connection's handler see its transport go, so none is left pending
+            await asyncio.wait(set(self._handlers), timeout=5)
+
+    async def __aenter__(self) -> FaultProxy:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- faults ---------------------------------------------------------------------------------------------------
+
+    async def latency(self, ms: float, seconds: float | None = None) -> None:
+        """Delay every chunk by ``ms`` in each direction (for ``seconds``, else until :meth:`heal`)."""
+        if ms < 0:
+            raise StackError(f"latency must be >= 0 ms, got {ms}")
+        await self._set(FaultState(latency_ms=float(ms), counters=self.state.counters), seconds)
+
+    async def reset(self, seconds: float | None = None) -> None:
+        """Reset every open connection now; for ``seconds`` also reset each new one as soon as it is accepted."""
+        self._cut_all(rst=True)
+        if seconds:
+            await self._set(FaultState(reset=True, counters=self.state.counters), seconds)
+
+    async def outage(self, seconds: float | None = None) -> None:
+        """Refuse new connections (nothing listens) and cut the open ones, for ``seconds`` or until :meth:`heal`."""
+        await self._set(FaultState(outage=True, counters=self.state.counters), seconds)
+        if self._server:
+            self._server.close()
+            self._server = None
+        self._cut_all(rst=True)
+
+    async def heal(self) -> None:
+        """End every fault now."""
+        if self._heal_task and self._heal_task is not asyncio.current_task():
+            self._heal_task.cancel()
+        self._heal_task = None
+        was_out = self.state.outage
+        self.state = FaultState(counters=self.state.counters)
+        if was_out or self._server is None:
+            await self._listen()
+        log.info("fault proxy :%d healed", self.port)
+
+    async def _set(self, new: FaultState, seconds: float | None) -> None:
+        if self._heal_task:
+            self._heal_task.cancel()
+            self._heal_task = None
+        if self.state.outage and not new.outage and self._server is None:
+            await self._listen()
+        new.until = time.monotonic() + seconds if seconds else None
+        self.state = new
+        if seconds:
+            self._heal_task = asyncio.create_task(self._heal_later(seconds))
+        log.info("fault proxy :%d fault latency=%sms reset=%s outage=%s for %s s", self.port, new.latency_ms,
+                 new.reset, new.outage, seconds)
+
+    async def _heal_later(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        await self.heal()
+
+    def status(self) -> dict[str, Any]:
+        s = self.state
+        remaining = max(0.0, s.until - time.monotonic()) if s.until else None
+        fault = "outage" if s.outage else "reset" if s.reset else "latency" if s.latency_ms else "none"
+        return {"port": self.port, "target": f"{self.target[0]}:{self.target[1]}", "fault": fault,
+                "latency_ms": s.latency_ms, "remaining_s": remaining, "open_connections": len(self._conns),
+                **s.counters}
+
+    def _cut_all(self, *, rst: bool = False) -> None:
+        for client, upstream in list(self._conns):
+            for w in (client, upstream):
+                if w is not None and rst:
+                    _abort_with_rst(w)
+                elif w is not None:
+                    w.transport.abort()
+            if rst:
+                self.state.counters["reset"] += 1
+        self._conns.clear()
+
+    # -- the data path --------------------------------------------------------------------------------------------
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
+        self.state.counters["accepted"] += 1
+        if self.state.reset or self.state.outage:
+            self.state.counters["refused_window"] += 1
+            _abort_with_rst(writer)
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target, limit=CHUNK)
+        except OSError:
+            _abort_with_rst(writer)
+            return
+        for w in (writer, up_writer):
+            sock = w.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        pair = (writer, up_writer)
+        self._conns.add(pair)
+        try:
+            await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
+        finally:
+            self._conns.discard(pair)
+            for w in pair:
+                w.close()
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        delayed: asyncio.Queue[tuple[float, bytes]] | None = None
+        sender: asyncio.Task[None] | None = None
+        try:
+            while True:
+                data = await reader.read(CHUNK)
+                if not data:
+                    break
+                ms = self.state.latency_ms
+                if ms or delayed is not None:
+                    # Latency keeps order and throughput: each chunk is due `ms` after it arrived.
+                    if delayed is None:
+                        delayed = asyncio.Queue()
+                        sender = asyncio.create_task(self._send_delayed(delayed, writer))
+                    delayed.put_nowait((time.monotonic() + ms / 1000.0, data))
+                    continue
+                writer.write(data)
+                await writer.drain()
+            if delayed is not None and sender is not None:
+                delayed.put_nowait((0.0, b""))
+                await sender
+                sender = None
+            if writer.can_write_eof():
+                writer.write_eof()
+        except (ConnectionError, OSError, asyncio.IncompleteReadError):
+            writer.transport.abort()
+        finally:
+            if sender is not None:
+                sender.cancel()
+
+    @staticmethod
+    async def _send_delayed(queue: asyncio.Queue[tuple[float, bytes]], writer: asyncio.StreamWriter) -> None:
+        while True:
+            due, data = await queue.get()
+            if not data:
+                return
+            wait = due - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            writer.write(data)
+            await writer.drain()
+
+
+# -- HTTP control ---------------------------------------------------------------------------------------------------
+
+
+def _float_arg(request: Request, name: str, default: float | None = None) -> float | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    return float(raw)
+
+
+def control_app(proxy: FaultProxy) -> Starlette:
+    """The control endpoint: ``POST /latency?ms=&seconds=``, ``/reset?seconds=``, ``/outage?seconds=``, ``/heal``;
+    ``GET /status``. Each answers with the status object."""
+
+    async def status(request: Request) -> JSONResponse:
+        return JSONResponse(proxy.status())
+
+    async def act(request: Request) -> JSONResponse:
+        action = request.path_params["action"]
+        try:
+            seconds = _float_arg(request, "seconds")
+            if action == "latency":
+                await proxy.latency(_float_arg(request, "ms", 0.0) or 0.0, seconds)
+            elif action == "reset":
+                await proxy.reset(seconds)
+            elif action == "outage":
+                await proxy.outage(seconds)
+            elif action == "heal":
+                await proxy.heal()
+            else:
+                return JSONResponse({"error": f"unknown action {action!r}: use latency, reset, outage or heal"},
+                                    status_code=404)
+        except (ValueError, StackError) as e:
+            return JSONResponse({"error": f"bad parameter: {e}"}, status_code=400)
+        return JSONResponse(proxy.status())
+
+    return Starlette(routes=[Route("/status", status, methods=["GET"]),
+                             Route("/health", status, methods=["GET"]),
+                             Route("/{action}", act, methods=["POST"])])
+
+
+class FaultControl:
+    """Drives a fault proxy's HTTP control endpoint (``url`` as recorded in the stack's state file)."""
+
+    def __init__(self, url: str, timeout: float = 10.0) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+
+    def _post(self, action: str, **params: float | None) -> dict[str, Any]:
+        q = {k: str(v) for k, v in params.items() if v is not None}
+        try:
+            r = httpx.post(f"{self.url}/{action}", params=q, timeout=self.timeout)
+        except httpx.HTTPError as e:
+            raise StackError(f"fault proxy control at {self.url} did not answer: {e}") from e
+        if r.status_code != 200:
+            raise StackError(f"fault proxy refused {action}: {r.text}")
+        out: dict[str, Any] = r.json()
+        return out
+
+    def latency(self, ms: float, seconds: float | None = None) -> dict[str, Any]:
+        return self._post("latency", ms=ms, seconds=seconds)
+
+    def reset(self, seconds: float | None = None) -> dict[str, Any]:
+        return self._post("reset", seconds=seconds)
+
+    def outage(self, seconds: float | None = None) -> dict[str, Any]:
+        return self._post("outage", seconds=seconds)
+
+    def heal(self) -> dict[str, Any]:
+        return self._post("heal")
+
+    def status(self) -> dict[str, Any]:
+        try:
+            r = httpx.get(f"{self.url}/status", timeout=self.timeout)
+        except httpx.HTTPError as e:
+            raise StackError(f"fault proxy control at {self.url} did not answer: {e}") from e
+        out: dict[str, Any] = r.json()
+        return out
+
+
+def server_ssl_context(cert: str, key: str) -> ssl.SSLContext:
+    """A server-side TLS context for terminating TLS in the proxy."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    host, _, port = args.target.rpartition(":")
+    sctx = server_ssl_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+    proxy = await FaultProxy(host or "127.0.0.1", int(port), listen_port=args.listen_port, server_ssl=sctx).start()
+    config = uvicorn.Config(control_app(proxy), host="127.0.0.1", port=args.control_port, log_level="warning",
+                            access_log=False, lifespan="off")
+    try:
+        await uvicorn.Server(config).serve()
+    finally:
+        await proxy.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m whatrack.devstack.fault_proxy", description=__doc__.splitlines()[0])
+    p.add_argument("--listen-port", type=int, required=True)
+    p.add_argument("--target", required=True, help="host:port to forward to")
+    p.add_argument("--control-port", type=int, required=True, help="HTTP control endpoint port (loopback)")
+    p.add_argument("--tls-cert", help="terminate TLS with this certificate (PEM)")
+    p.add_argument("--tls-key", help="... and this key (PEM)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(_serve(args))
+
+
+if __name__ == "__main__":
+    main()
