@@ -118,7 +118,8 @@ def scan_dir(root: Path, secrets: Iterable[tuple[str | None, str]], *,
             continue
         cells = _notebook_cells(data) if path.suffix == ".ipynb" else None
         for kind, name in hits:
-            cell_hits: list[int | None] = [i for i, cell in enumerate(cells or []) if _matches(cell, kind, name, needles)]
+            cell_hits: list[int | None] = [
+                i for i, cell in enumerate(cells or []) if _matches(cell, kind, name, needles)]
             findings.extend(Finding(rel, kind, i, name) for i in (cell_hits or [None]))
     for f in findings:
         log.warning("secrets scan: %s", f.describe())
