@@ -1,0 +1,371 @@
+"""The follow-up queue and worker on a real Redis, with small real collaborators (tests/followups_support.py)."""
+# ruff: noqa: F811  (pytest fixtures imported from followups_fixtures are redefined as parameters)
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from bullmq import Job, Queue
+from followups_fixtures import (  # noqa: F401  (fixtures)
+    INST,
+    LEAD,
+    ORG,
+    PHONE,
+    add,
+    ctx,
+    finished,
+    handler,
+    queue,
+    running,
+    uazapi,
+    uazapi_server,
+    wait_until,
+)
+from followups_support import RealtimeForTests, StoreForTests, UazapiStandIn
+
+from whatrack import cli
+from whatrack.devstack import servers
+from whatrack.errors import PayloadError
+from whatrack.followups import (
+    BACKOFF,
+    DEFAULT_JOB_OPTIONS,
+    JOB_NAME,
+    FollowupJob,
+    parse_duration,
+    schedule_followup,
+    sent_key,
+    to_iso,
+)
+from whatrack.followups_worker import WorkerContext, process_followup
+
+TESTS = Path(__file__).resolve().parent
+WIRE = {"organizationId": ORG, "instanceId": INST, "leadId": LEAD, "text": "Oi! 😀 ainda tem interesse?",
+        "scheduledAt": "2026-11-26T01:00:00.000Z"}
+
+
+# -- pure: the payload and the helpers --------------------------------------------------------------------------------
+
+
+def test_payload_round_trips_and_uses_camel_case() -> None:
+    job = FollowupJob(ORG, INST, LEAD, "olá", datetime(2026, 11, 26, 1, 2, 3, 456789, tzinfo=UTC),
+                      run_at=datetime(2026, 11, 26, 4, 0, tzinfo=UTC))
+    wire = job.to_wire()
+    assert wire == {"organizationId": 1, "instanceId": 2, "leadId": 3, "text": "olá",
+                    "scheduledAt": "2026-11-26T01:02:03.456Z", "runAt": "2026-11-26T04:00:00.000Z", "v": 1}
+    assert FollowupJob.from_wire(wire) == job
+
+
+def test_payload_accepts_what_node_writes() -> None:
+    job = FollowupJob.from_wire({**WIRE, "leadId": "3", "campaignId": "ignored"})
+    assert (job.organization_id, job.instance_id, job.lead_id) == (1, 2, 3)
+    assert job.scheduled_at == datetime(2026, 11, 26, 1, 0, tzinfo=UTC)
+    default = datetime(2026, 1, 1, tzinfo=UTC)
+    assert FollowupJob.from_wire({k: v for k, v in WIRE.items() if k != "scheduledAt"},
+                                 default_scheduled_at=default).scheduled_at == default
+
+
+@pytest.mark.parametrize(("data", "names"), [
+    ({k: v for k, v in WIRE.items() if k != "leadId"}, "leadId is missing"),
+    ({**WIRE, "leadId": "abc"}, "leadId must be a positive integer"),
+    ({**WIRE, "organizationId": True}, "organizationId must be a positive integer"),
+    ({**WIRE, "text": "  "}, "text must be a non-empty string"),
+    ({**WIRE, "text": "x" * 70_000}, "WhatsApp allows"),
+    ({**WIRE, "scheduledAt": "2026-11-26T01:00:00"}, "scheduledAt has no time zone"),
+    ({**WIRE, "runAt": "tomorrow"}, "runAt is not an ISO 8601"),
+    ({**WIRE, "v": 2}, "payload version 2"),
+    (["not", "an", "object"], "must be a JSON object"),
+])
+def test_malformed_payload_names_the_field(data: object, names: str) -> None:
+    with pytest.raises(PayloadError, match=names):
+        FollowupJob.from_wire(data)
+
+
+def test_to_iso_matches_javascript() -> None:
+    assert to_iso(datetime(2026, 1, 2, 3, 4, 5, 6000, tzinfo=timezone_minus_3())) == "2026-01-02T06:04:05.006Z"
+
+
+def timezone_minus_3() -> Any:
+    from datetime import timezone
+    return timezone(timedelta(hours=-3))
+
+
+def test_parse_duration() -> None:
+    assert parse_duration("10m") == timedelta(minutes=10)
+    assert parse_duration("1h30m") == timedelta(minutes=90)
+    assert parse_duration("90") == timedelta(seconds=90)
+    assert parse_duration("2d") == timedelta(days=2)
+    for bad in ("", "10x", "m10", "1h 30q"):
+        with pytest.raises(ValueError, match="not a duration"):
+            parse_duration(bad)
+
+
+# -- scheduling -------------------------------------------------------------------------------------------------------
+
+
+async def test_schedule_delays_until_run_at_and_is_idempotent_with_a_job_id(queue: Queue, redis_url: str) -> None:
+    run_at = datetime.now(UTC) + timedelta(minutes=10)
+    jid = await schedule_followup(queue, organization_id=ORG, instance_id=INST, lead_id=LEAD, text="first",
+                                  run_at=run_at, job_id="lead-3-day-1")
+    again = await schedule_followup(queue, organization_id=ORG, instance_id=INST, lead_id=LEAD, text="second",
+                                    run_at=run_at + timedelta(hours=1), job_id="lead-3-day-1")
+    assert jid == again == "lead-3-day-1"
+    assert await queue.getJobState(jid) == "delayed"
+    assert await queue.getJobCounts("delayed", "wait") == {"delayed": 1, "wait": 0}
+    job = await Job.fromId(queue, jid)
+    assert job is not None and job.name == JOB_NAME
+    assert job.data["text"] == "first" and job.data["runAt"] == to_iso(run_at)
+    due_ms = job.timestamp + job.delay
+    assert due_ms >= int(run_at.timestamp() * 1000)  # never early
+    assert due_ms - run_at.timestamp() * 1000 < 1000  # ... and not a second late (the add itself is fast)
+    assert job.opts["attempts"] == 3 and job.opts["backoff"] == BACKOFF
+    assert job.opts["removeOnComplete"] == DEFAULT_JOB_OPTIONS["removeOnComplete"]
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"run_at": datetime(2030, 1, 1)}, "run_at has no time zone"),
+    ({"job_id": "123"}, "not all digits"),
+    ({"job_id": "a:b"}, "must be 1-200 letters"),
+    ({"text": ""}, "text must be a non-empty string"),
+])
+async def test_schedule_refuses_bad_input_and_writes_nothing(queue: Queue, redis_url: str, kw: dict[str, Any],
+                                                             message: str) -> None:
+    args: dict[str, Any] = {"organization_id": ORG, "instance_id": INST, "lead_id": LEAD, "text": "hi",
+                            "run_at": datetime.now(UTC), **kw}
+    with pytest.raises(PayloadError, match=message):
+        await schedule_followup(queue, **args)
+    with redis.Redis.from_url(redis_url) as r:
+        assert r.keys("bull:*") == []
+
+
+def test_cli_schedule(redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("UPSTASH_REDIS_URL", redis_url)
+    rc = cli.main(["followup", "schedule", "--organization-id", "1", "--instance-id", "2", "--lead-id", "3",
+                   "--text", "manual", "--in", "10m", "--job-id", "manual-1"])
+    assert rc == 0 and capsys.readouterr().out.strip() == "manual-1"
+    with redis.Redis.from_url(redis_url, decode_responses=True) as r:
+        assert r.zscore("bull:followup:delayed", "manual-1") is not None
+
+
+def test_cli_errors_name_the_fix(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = cli.main(["followup", "schedule", "--organization-id", "1", "--instance-id", "2", "--lead-id", "3",
+                   "--text", "x", "--in", "10m"])
+    assert rc == 2 and "UPSTASH_REDIS_URL: is not set" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["followup", "schedule", "--organization-id", "1", "--instance-id", "2", "--lead-id", "3",
+                  "--text", "x", "--in", "soon"])
+    assert e.value.code == 2 and "use e.g. 10m" in capsys.readouterr().err
+
+
+# -- the worker, in process -------------------------------------------------------------------------------------------
+
+
+async def test_sends_stores_and_publishes_once(queue: Queue, redis_url: str, ctx: WorkerContext,
+                                               uazapi: UazapiStandIn) -> None:
+    store, rt = ctx.store, ctx.realtime
+    assert isinstance(store, StoreForTests) and isinstance(rt, RealtimeForTests)
+    async with running(redis_url, handler(ctx), ctx):
+        jid = await add(queue, "j1")
+        assert await finished(queue, jid) == {jid: "completed"}
+    assert uazapi.sends_by_job() == {jid: 1}
+    assert uazapi.sends[0]["number"] == PHONE and uazapi.sends[0]["text"] == "text of j1"
+    assert uazapi.sends[0]["track_source"] == "whatrack-followup"
+    out = await store.outbound()
+    assert list(out) == [jid] and out[jid]["external_id"] == uazapi.sends[0]["messageid"]
+    assert out[jid]["published"] is True and await rt.published() == [f"m-{jid}"]
+    job = await Job.fromId(queue, jid)
+    assert job is not None and job.returnvalue["status"] == "sent"
+    assert job.returnvalue["messageId"] == uazapi.sends[0]["messageid"]
+
+
+async def test_lead_who_replied_is_skipped(queue: Queue, redis_url: str, ctx: WorkerContext,
+                                           uazapi: UazapiStandIn) -> None:
+    assert isinstance(ctx.store, StoreForTests)
+    scheduled = datetime.now(UTC) - timedelta(minutes=5)
+    await ctx.store.add_reply(LEAD, scheduled + timedelta(minutes=1))
+    other_lead = LEAD + 1
+    await ctx.store.add_lead(ORG, other_lead, "5511977776666")
+    await ctx.store.add_reply(other_lead, scheduled - timedelta(minutes=1))  # replied before: still sent
+    async with running(redis_url, handler(ctx), ctx):
+        a = await add(queue, "replied", FollowupJob(ORG, INST, LEAD, "a", scheduled).to_wire())
+        b = await add(queue, "not-replied", FollowupJob(ORG, INST, other_lead, "b", scheduled).to_wire())
+        assert await finished(queue, a, b) == {a: "completed", b: "completed"}
+    assert uazapi.sends_by_job() == {b: 1}
+    job = await Job.fromId(queue, a)
+    assert job is not None and job.returnvalue == {"status": "skipped", "reason": "lead replied"}
+    assert list(await ctx.store.outbound()) == [b]
+
+
+async def test_retryable_send_errors_retry_then_send_once(queue: Queue, redis_url: str, ctx: WorkerContext,
+                                                          uazapi: UazapiStandIn) -> None:
+    uazapi.fail_next(503, 502)
+    async with running(redis_url, handler(ctx), ctx):
+        # The PRD's 3 attempts (queue default); a 50 ms backoff instead of 5 s keeps the test short.
+        jid = await add(queue, "flaky", backoff={"type": "fixed", "delay": 50})
+        assert await finished(queue, jid) == {jid: "completed"}
+    job = await Job.fromId(queue, jid)
+    assert job is not None and job.attemptsMade == 3
+    assert len(uazapi.attempts) == 3 and uazapi.sends_by_job() == {jid: 1}
+    assert isinstance(ctx.store, StoreForTests)
+    assert list(await ctx.store.outbound()) == [jid]
+
+
+async def test_a_failure_after_the_send_never_sends_again(queue: Queue, redis_url: str, ctx: WorkerContext,
+                                                          uazapi: UazapiStandIn) -> None:
+    store, rt = ctx.store, ctx.realtime
+    assert isinstance(store, StoreForTests) and isinstance(rt, RealtimeForTests)
+    await store.r.set("t:store:fail_saves", 1)    # the database fails once after the send
+    await store.r.set("t:realtime:fail", 1)       # then Centrifugo fails once after the store
+    async with running(redis_url, handler(ctx), ctx):
+        jid = await add(queue, "crashy", backoff={"type": "fixed", "delay": 50})
+        assert await finished(queue, jid) == {jid: "completed"}
+    job = await Job.fromId(queue, jid)
+    assert job is not None and job.attemptsMade == 3 and job.returnvalue["sentEarlier"] is True
+    assert uazapi.sends_by_job() == {jid: 1} and len(uazapi.attempts) == 1
+    assert list(await store.outbound()) == [jid] and await rt.published() == [f"m-{jid}"]
+    assert await store.save_calls() == {jid: 3}
+    assert await store.r.ttl(sent_key(jid)) > 0  # the record expires, it does not pile up
+
+
+async def test_unrecoverable_failures_do_not_retry(queue: Queue, redis_url: str, ctx: WorkerContext,
+                                                   uazapi: UazapiStandIn) -> None:
+    uazapi.fail_next(400)
+    async with running(redis_url, handler(ctx), ctx):
+        refused = await add(queue, "refused")
+        malformed = await add(queue, "malformed", {"organizationId": ORG, "instanceId": INST, "text": "no lead"})
+        unknown = await add(queue, "unknown-lead", FollowupJob(ORG, INST, 999, "x", datetime.now(UTC)).to_wire())
+        other_org = await add(queue, "other-org", FollowupJob(7, INST, LEAD, "x", datetime.now(UTC)).to_wire())
+        states = await finished(queue, refused, malformed, unknown, other_org)
+    assert set(states.values()) == {"failed"}
+    reasons = {}
+    for jid in states:
+        job = await Job.fromId(queue, jid)
+        assert job is not None and job.attemptsMade == 1, jid  # of 3 allowed: not retried
+        reasons[jid] = job.failedReason
+    assert "UAZAPI refused follow-up refused (status 400)" in reasons[refused]
+    assert "leadId is missing" in reasons[malformed]
+    assert "lead 999 not found in organization 1" in reasons[unknown]
+    assert f"instance {INST} not found in organization 7" in reasons[other_org]
+    assert len(uazapi.attempts) == 1 and uazapi.sends == []
+    assert isinstance(ctx.store, StoreForTests) and await ctx.store.outbound() == {}
+
+
+async def test_secrets_stay_out_of_worker_logs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    password = "s3cret-redis-pass"
+    with servers.RedisServer(tmp_path / "r", password=password) as server:
+        caplog.set_level("DEBUG", logger="whatrack")
+
+        async def noop(job: Job) -> None:
+            return None
+
+        async with running(server.url, noop):
+            pass
+    assert "follow-up worker on redis://default:********@" in caplog.text
+    assert password not in caplog.text
+
+
+@pytest.mark.slow
+async def test_1000_delayed_followups_run_once_and_never_early(queue: Queue, redis_url: str,
+                                                               ctx: WorkerContext, uazapi: UazapiStandIn) -> None:
+    ran: dict[str, list[tuple[float, float]]] = {}
+
+    async def timed(job: Job) -> Any:
+        ran.setdefault(str(job.id), []).append((time.time(), datetime.fromisoformat(job.data["runAt"]).timestamp()))
+        return await process_followup(ctx, job)
+
+    async with running(redis_url, timed, ctx, concurrency=50):
+        start = datetime.now(UTC) + timedelta(seconds=1)
+        ids = await asyncio.gather(*(
+            schedule_followup(queue, organization_id=ORG, instance_id=INST, lead_id=LEAD, text=f"n{i}",
+                              run_at=start + timedelta(milliseconds=3 * i), job_id=f"d{i}") for i in range(1000)))
+
+        async def all_done() -> bool:
+            return (await queue.getJobCounts("completed"))["completed"] >= 1000
+
+        await wait_until(all_done, "1000 delayed jobs", timeout=120)
+    assert sorted(ran) == sorted(ids) and all(len(v) == 1 for v in ran.values())
+    early = [(jid, due - t) for jid, [(t, due)] in ran.items() if t < due]
+    assert early == []
+    assert len(uazapi.sends) == 1000 and set(uazapi.sends_by_job().values()) == {1}
+
+
+# -- the worker as a process: SIGKILL and SIGTERM ---------------------------------------------------------------------
+
+
+def worker_process(redis_url: str, uazapi_url: str, *args: str) -> subprocess.Popen[bytes]:
+    """``python -m whatrack.followups`` with the test context; its output goes to worker.log (in tmp_path)."""
+    env = {**os.environ, "UPSTASH_REDIS_URL": redis_url, "UAZAPI_BASE_URL": uazapi_url,
+           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    with open("worker.log", "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "whatrack.followups", "--context",
+                                 "followups_support:build_context_for_tests", *args],
+                                env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+@pytest.mark.slow
+async def test_killed_worker_jobs_are_rescued_and_sent_once(queue: Queue, redis_url: str, ctx: WorkerContext,
+                                                            uazapi: UazapiStandIn) -> None:
+    store = ctx.store
+    assert isinstance(store, StoreForTests)
+    await store.r.set("t:store:save_delay", 600)  # the doomed worker sends, records, then hangs in the database
+    proc = worker_process(redis_url, uazapi.url, "--concurrency", "5")
+    try:
+        ids = [await add(queue, f"k{i}") for i in range(5)]
+
+        async def all_sent() -> bool:
+            return all(await asyncio.gather(*(store.r.exists(sent_key(i)) for i in ids)))
+
+        await wait_until(all_sent, "the subprocess worker to send all 5")
+        assert await queue.getJobCounts("active") == {"active": 5}
+        proc.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    await store.r.delete("t:store:save_delay")
+    async with running(redis_url, handler(ctx), ctx):
+        states = await finished(queue, *ids)
+        rescued_after = time.monotonic() - killed_at
+    assert set(states.values()) == {"completed"}
+    assert uazapi.sends_by_job() == {i: 1 for i in ids}
+    assert sorted(await store.outbound()) == sorted(ids)
+    for i in ids:
+        job = await Job.fromId(queue, i)
+        assert job is not None and job.stalledCounter == 1 and job.returnvalue["sentEarlier"] is True
+    print(f"rescued {len(ids)} jobs {rescued_after:.1f} s after SIGKILL")
+
+
+@pytest.mark.slow
+async def test_sigterm_finishes_the_running_job(queue: Queue, redis_url: str, ctx: WorkerContext,
+                                                uazapi: UazapiStandIn) -> None:
+    uazapi.hold(1.0)
+    proc = worker_process(redis_url, uazapi.url)
+    try:
+        jid = await add(queue, "t1")
+
+        async def sending() -> bool:
+            return len(uazapi.attempts) == 1
+
+        await wait_until(sending, "the send to start")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    out = Path("worker.log").read_text(errors="replace")
+    assert proc.returncode == 0, out[-2000:]
+    assert "SIGTERM: finishing running jobs" in out
+    assert await queue.getJobState(jid) == "completed"
+    assert uazapi.sends_by_job() == {jid: 1}
