@@ -66,6 +66,8 @@ def _expectation(body: bytes) -> tuple[str, str, str | None]:
     except PayloadError:
         return "error", "dlq", None
     kind = ev.to_json()["event"]
+    if _instance_key(body) is None:
+        return kind, "dlq", None  # no instance we registered (e.g. an Evolution body): unknown_instance, DLQ
     if isinstance(ev, MessageEvent):
         return kind, "stored", ev.provider_id
     return kind, "acknowledged", None
@@ -73,18 +75,25 @@ def _expectation(body: bytes) -> tuple[str, str, str | None]:
 
 async def register_fixture_instances(store: Any, bodies: Sequence[bytes]) -> int:
     """Register (idempotently) every instance named in ``bodies`` under the demo organization."""
-    seen: set[tuple[str, str]] = set()
+    seen: set[tuple[str, str, str | None]] = set()
     for body in bodies:
-        try:
-            d = json.loads(body)
-        except ValueError:
-            continue
-        if isinstance(d, dict) and isinstance(d.get("instanceName"), str) and isinstance(d.get("token"), str):
-            key = (d["instanceName"], d["token"])
-            if key not in seen:
-                seen.add(key)
-                await store.register_instance(DEMO_ORGANIZATION, key[0], key[1], owner=d.get("owner") or None)
+        key = _instance_key(body)
+        if key is not None and key not in seen:
+            seen.add(key)
+            await store.register_instance(DEMO_ORGANIZATION, key[0], key[1], owner=key[2])
     return len(seen)
+
+
+def _instance_key(body: bytes) -> tuple[str, str, str | None] | None:
+    """(instanceName, token, owner) of a flat UAZAPI envelope, or None."""
+    try:
+        d = json.loads(body)
+    except ValueError:
+        return None
+    if isinstance(d, dict) and isinstance(d.get("instanceName"), str) and isinstance(d.get("token"), str):
+        owner = d.get("owner")
+        return d["instanceName"], d["token"], owner if isinstance(owner, str) and owner else None
+    return None
 
 
 async def replay(settings: Settings, paths: Sequence[Path] | None = None, *, timeout: float = 60.0,

