@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import hashlib
 import importlib.util
 import json
 import logging
 import os
 import secrets
+import shutil
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -314,6 +318,15 @@ class Stack:
             if p.control_url:
                 env[f"WHATRACK_FAULT_{p.name.removeprefix('proxy_').upper()}_URL"] = p.control_url
 
+    def _pg_dir(self) -> Path:
+        """Where the embedded server keeps its data: in the stack dir, unless (as root) the server's own user
+        cannot reach it through a private parent such as /root or pytest's tmp: then under the temp dir."""
+        inside = self.dir / "postgres"
+        if os.geteuid() != 0 or all(p.stat().st_mode & stat.S_IXOTH for p in self.dir.parents):
+            return inside
+        digest = hashlib.sha256(str(self.dir).encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / f"whatrack-stack-{digest}"
+
     def _native_tls(self) -> bool:
         if self.tls_terminator is not None:
             return not self.tls_terminator
@@ -329,13 +342,15 @@ class Stack:
             plan.parts["postgres"] = _Part("postgres", None, None, urlsplit(url).port or 5432, "postgres",
                                            _strip_password(url))
             return (urlsplit(url).port or 5432) if urlsplit(url).hostname else None, url
-        pg = servers.EmbeddedPostgres(self.dir / "postgres").start()
-        pid = int((self.dir / "postgres" / "pgdata" / "postmaster.pid").read_text().split("\n", 1)[0])
-        plan.parts["postgres"] = _Part("postgres", pid, _created(pid), pg.port, "postgres", pg.url,
-                                       signal="postmaster", log=str(self.dir / "postgres" / "pgdata" / "server.log"))
+        pg_dir = self._pg_dir()
+        pg = servers.EmbeddedPostgres(pg_dir).start()
+        pid = int((pg_dir / "pgdata" / "postmaster.pid").read_text().split("\n", 1)[0])
+        url = f"postgresql://postgres@127.0.0.1:{pg.port}/whatrack"
+        plan.parts["postgres"] = _Part("postgres", pid, _created(pid), pg.port, "postgres", url,
+                                       signal="postmaster", log=str(pg_dir / "pgdata" / "server.log"))
         with contextlib.suppress(Exception):  # already there when the stack dir is reused
             servers.create_database(pg.url, "whatrack")
-        return pg.port, f"postgresql://postgres@127.0.0.1:{pg.port}/whatrack"
+        return pg.port, url
 
     def _qstash(self, plan: _Plan, state_url: str, time_scale: float) -> None:
         if importlib.util.find_spec("whatrack.devstack.qstash_broker") is None:
@@ -426,6 +441,9 @@ class Stack:
                         proc.wait(5)
         for path in (self.state_path, self.env_path):
             path.unlink(missing_ok=True)
+        outside = self._pg_dir()
+        if outside != self.dir / "postgres" and outside.exists():  # ours, under the temp dir: leave no trace
+            shutil.rmtree(outside, ignore_errors=True)
         if stopped:
             log.info("stack in %s stopped (%s)", self.dir, ", ".join(stopped))
         return stopped

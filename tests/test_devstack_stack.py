@@ -1,0 +1,187 @@
+"""The whole offline stack: the CLI's up/status/env/down, idempotent up, and every part reachable as cloud mode
+reaches it (TLS verified, through the fault proxies), including UAZAPI's echo through the real QStash broker."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import shlex
+import stat
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import redirect_stdout
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import psycopg
+import pytest
+import redis
+from cent import Client, HistoryRequest, PublishRequest
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from whatrack.cli import main
+from whatrack.devstack import tls
+from whatrack.devstack.fault_proxy import FaultControl
+from whatrack.devstack.stack import DEMO_TOKEN, Stack, load_env, running_stack
+from whatrack.errors import StackError
+from whatrack.settings import WEBHOOK_PATH, Settings
+from whatrack.upstash_rest import from_settings_sync
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = main(list(args))
+    return code, out.getvalue()
+
+
+def _pids(d: Path) -> dict[str, int]:
+    return {n: p["pid"] for n, p in json.loads((d / "state.json").read_text())["parts"].items() if p["pid"]}
+
+
+def test_cli_up_status_env_down(tmp_path: Path, make_pg_database: Callable[[], str]) -> None:
+    d = tmp_path / "stack"
+    db = make_pg_database()  # the DATABASE_URL path: the stack proxies a given server instead of embedding one
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env.update(DATABASE_URL=db, WHATRACK_STACK_DIR=str(d))
+    # `up` in a process of its own: the parts must outlive the CLI that started them
+    r = subprocess.run([sys.executable, "-m", "whatrack.cli", "stack", "up", "--without", "qstash"], env=env,
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "stack up in" in r.stdout
+    pids = _pids(d)
+    assert "qstash" not in pids and "postgres" not in pids  # left out; external
+    assert all(psutil.pid_exists(p) for p in pids.values())
+    try:
+        assert stat.S_IMODE((d / "stack.env").stat().st_mode) == 0o600
+        code, out = _cli("stack", "up", "--dir", str(d))
+        assert code == 0 and "already running" in out
+        assert _pids(d) == pids  # nothing started twice
+        code, out = _cli("stack", "status", "--dir", str(d))
+        assert code == 0
+        rows = {line.split()[0]: line.split()[3] for line in out.splitlines()[1:]}
+        assert rows["postgres"] == "external" and rows["upstash_rest"] == "up" and rows["proxy_postgres"] == "up"
+        code, out = _cli("stack", "env", "--dir", str(d))
+        exported = dict(shlex.split(line.removeprefix("export "))[0].split("=", 1) for line in out.splitlines())
+        assert exported == load_env(d)
+        s = Settings.from_env(exported, env_files=())
+        assert s.mode == "offline" and s.uazapi_base_url and s.centrifugo_api_url
+        assert exported["WHATRACK_UAZAPI_INSTANCE_TOKEN"] == DEMO_TOKEN
+        assert exported["DATABASE_URL"].endswith("/" + db.rsplit("/", 1)[1])
+        with psycopg.connect(exported["DATABASE_URL"]) as conn:  # through the PostgreSQL fault proxy
+            assert conn.execute("select 1").fetchone() == (1,)
+    finally:
+        code, out = _cli("stack", "down", "--dir", str(d))
+    assert code == 0 and "stopped" in out
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                   for p in pids.values())
+    assert not (d / "state.json").exists() and not (d / "stack.env").exists()
+    assert _cli("stack", "status", "--dir", str(d))[0] == 1
+    assert _cli("stack", "env", "--dir", str(d))[0] == 1  # one line saying to run `stack up`
+
+
+class _Hook(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.server.got.append((self.path, dict(self.headers.items()), body))  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def full_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, dict[str, str]]]:
+    with running_stack(tmp_path_factory.mktemp("full"), time_scale=0.01) as stack:
+        yield stack, stack.env()
+
+
+def test_parts_answer_like_the_cloud(full_stack: tuple[Stack, dict[str, str]], tmp_path: Path) -> None:
+    stack, env = full_stack
+    s = Settings.from_env(env, env_files=())
+    assert stack.is_up() and all(p.health in ("up", "missing") for p in stack.status())
+    # "Upstash" Redis: TLS verified against the stack's CA, through the fault proxy; refused with another CA
+    assert s.upstash_redis_url and s.upstash_redis_url.startswith("rediss://")
+    with redis.Redis.from_url(s.upstash_redis_url, ssl_ca_certs=s.redis_ca_bundle) as r:
+        assert r.ping() and r.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+    other = tls.make_ca_and_server_cert(tmp_path / "other").ca
+    for ca in (str(other), None):  # another CA; the system trust store
+        with redis.Redis.from_url(s.upstash_redis_url, ssl_ca_certs=ca, retry=Retry(NoBackoff(), 0)) as bad, \
+                pytest.raises(redis.ConnectionError, match="certificate verify failed"):
+            bad.ping()
+    # REST over the same data, with the official client built from settings
+    rest = from_settings_sync(s)
+    assert rest.set("from-rest", "ü") is True
+    with redis.Redis.from_url(s.upstash_redis_url, ssl_ca_certs=s.redis_ca_bundle) as r:
+        assert r.get("from-rest") == "ü".encode()
+    rest.close()
+    # Centrifugo through its proxy; PostgreSQL through its proxy
+    assert s.centrifugo_api_url and s.centrifugo_api_key
+    c = Client(s.centrifugo_api_url, s.centrifugo_api_key.reveal())
+    assert c.publish(PublishRequest(channel="org:1", data={"a": 1})).offset == 1
+    assert [p.data for p in c.history(HistoryRequest(channel="org:1", limit=-1)).publications] == [{"a": 1}]
+    c.close()
+    with psycopg.connect(env["DATABASE_URL"]) as conn:
+        assert conn.execute("select current_database()").fetchone() == ("whatrack",)
+
+
+def test_a_link_breaks_on_order_and_heals(full_stack: tuple[Stack, dict[str, str]]) -> None:
+    _, env = full_stack
+    control = FaultControl(env["WHATRACK_FAULT_UPSTASH_REDIS_URL"])
+    with redis.Redis.from_url(env["UPSTASH_REDIS_URL"], ssl_ca_certs=env["WHATRACK_REDIS_CA_BUNDLE"],
+                              retry=Retry(NoBackoff(), 0), socket_connect_timeout=2) as r:
+        assert r.ping()
+        control.outage()
+        try:
+            with pytest.raises(redis.ConnectionError):
+                r.ping()
+        finally:
+            control.heal()
+        assert r.ping()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("whatrack.devstack.qstash_broker") is None,
+                    reason="the QStash broker is not built yet")
+def test_uazapi_echo_arrives_signed_through_the_broker(full_stack: tuple[Stack, dict[str, str]]) -> None:
+    from qstash import Receiver
+
+    _, env = full_stack
+    hook = ThreadingHTTPServer(("127.0.0.1", int(env["WHATRACK_APP_PORT"])), _Hook)
+    hook.got = []  # type: ignore[attr-defined]
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    try:
+        r = httpx.post(f"{env['UAZAPI_BASE_URL']}/send/text", json={"number": "5511988887777", "text": "oi"},
+                       headers={"token": env["WHATRACK_UAZAPI_INSTANCE_TOKEN"]})
+        assert r.status_code == 200
+        sent = r.json()
+        for _ in range(1000):
+            if hook.got:  # type: ignore[attr-defined]
+                break
+            threading.Event().wait(0.01)
+        path, headers, body = hook.got[0]  # type: ignore[attr-defined]
+    finally:
+        hook.shutdown()
+        hook.server_close()
+    assert path == WEBHOOK_PATH
+    Receiver(env["QSTASH_CURRENT_SIGNING_KEY"], env["QSTASH_NEXT_SIGNING_KEY"]).verify(
+        signature=headers["Upstash-Signature"], body=body.decode(), url=env["WEBHOOK_PUBLIC_URL"])
+    message = json.loads(body)["message"]
+    assert (message["id"], message["fromMe"], message["wasSentByApi"]) == (sent["id"], True, True)
+
+
+def test_bad_part_names_and_missing_stack(tmp_path: Path) -> None:
+    with pytest.raises(StackError, match="unknown part"):
+        Stack(tmp_path).up(parts=["redis"])
+    with pytest.raises(StackError, match="stack up"):
+        load_env(tmp_path)
+    assert not Stack(tmp_path).is_up() and Stack(tmp_path).down() == []
