@@ -17,28 +17,31 @@ from whatrack.errors import WhatrackError
 
 log = logging.getLogger("whatrack.cli")
 
-#: Modules that add subcommands: each defines ``add_commands(subparsers)``; a subcommand's parser sets ``func``,
-#: a callable taking the parsed args and returning the exit code.
-COMMAND_MODULES = (
-    "whatrack.runs",          # run, report, lab
-    "whatrack.devstack.cli",  # stack up|down|status|env
-    "whatrack.app",           # serve
-    "whatrack.replay",        # replay (the fixtures through the endpoint)
-    "whatrack.store",         # instances add|list, db upgrade
-    "whatrack.uazapi",        # normalize
-    "whatrack.followups",     # worker, followup schedule
-    "whatrack.migration",     # migrate probe|inventory|copy|verify|rollback
-    "whatrack.loadtest",      # loadtest
-    "whatrack.alerts",        # alerts check
-)
+#: Which module adds each top-level command. Each module defines ``add_commands(subparsers)``; a subcommand's
+#: parser sets ``func``, a callable taking the parsed args and returning the exit code. Only the module behind the
+#: command being run is imported, so ``whatrack normalize`` does not pay for importing papermill and bullmq.
+COMMANDS = {
+    "run": "whatrack.runs", "report": "whatrack.runs", "lab": "whatrack.runs",
+    "stack": "whatrack.devstack.cli",
+    "serve": "whatrack.app",
+    "replay": "whatrack.replay",
+    "instances": "whatrack.store", "db": "whatrack.store",
+    "normalize": "whatrack.uazapi",
+    "worker": "whatrack.followups", "followup": "whatrack.followups",
+    "migrate": "whatrack.migration",
+    "loadtest": "whatrack.loadtest",
+    "alerts": "whatrack.alerts",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="whatrack", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"whatrack {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    wanted = next((a for a in argv if a in COMMANDS), None)
+    modules = [COMMANDS[wanted]] if wanted else list(dict.fromkeys(COMMANDS.values()))
+    for name in modules:
         try:
             mod = importlib.import_module(name)
         except ModuleNotFoundError as e:
@@ -50,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
