@@ -63,11 +63,18 @@ def pause_queues(url: str, queues: list[str], *, ca_bundle: str | None = None, p
     Raises:
         MigrationError: the server refused the pause script.
     """
+    client = redis_tcp.connect_sync(url, ca_bundle=ca_bundle)
     try:
-        asyncio.run(_set_paused(url, queues, True, ca_bundle, prefix))
+        # A queue already paused (a resumed copy, an operator's pause) is left alone: pausing again would add a
+        # second ``paused`` event to its events stream, a change after part of it may have been copied.
+        todo = [q for q in queues if client.hget(queue_key(q, "meta", prefix), "paused") is None]
+    finally:
+        client.close()
+    try:
+        asyncio.run(_set_paused(url, todo, True, ca_bundle, prefix))
     except redis.RedisError as e:
         raise MigrationError(f"pausing queues on {mask_url(url)} failed: {e}") from e
-    log.info("paused %d queue(s) on %s", len(queues), mask_url(url))
+    log.info("paused %d queue(s) on %s (%d already paused)", len(todo), mask_url(url), len(queues) - len(todo))
 
 
 def resume_queues(url: str, *, ca_bundle: str | None = None, prefix: str = BULL_PREFIX,
