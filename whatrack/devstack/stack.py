@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import hashlib
 import importlib.util
 import json
 import logging
@@ -23,10 +22,8 @@ import os
 import secrets
 import shutil
 import signal
-import stat
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -88,6 +85,7 @@ class _Part:
     signal: str = "group"  # group: SIGTERM to the process group; postmaster: SIGINT to the pid
     missing: str = ""
     log: str = ""
+    data: str = ""  # a data directory the part keeps outside the stack dir, removed by down()
 
 
 @dataclass
@@ -239,14 +237,20 @@ class Stack:
                     url=f"http://127.0.0.1:{control}/health", control_url=f"http://127.0.0.1:{control}")
         return port
 
-    def _redis(self, plan: _Plan, name: str, **kw: Any) -> servers.RedisServer:
+    def _redis(self, plan: _Plan, name: str, *, password: str | None = None, **kw: Any) -> servers.RedisServer:
         r = servers.RedisServer(self.dir / name, **kw).start()
         assert r.proc is not None
         _CHILDREN[r.proc.pid] = r.proc
-        plan.parts[name] = _Part(name, r.proc.pid, _created(r.proc.pid), r.port, "redis",
-                                 r.url.replace(f":{r.password}@", ":@") if r.password else r.url,
-                                 auth="UPSTASH_REDIS_URL" if r.password else "",
-                                 log=str(self.dir / name / "redis.log"))
+        plan.parts[name] = _Part(name, r.proc.pid, _created(r.proc.pid), r.port, "redis", r.url,
+                                 auth="UPSTASH_REDIS_URL" if password else "", log=str(self.dir / name / "redis.log"))
+        if password:  # set after start, not as --requirepass: arguments show in `ps` to every local user
+            import redis
+
+            ca = str(r.tls.ca) if r.tls else None
+            with redis.Redis.from_url(r.url, ssl_ca_certs=ca) as c:
+                c.config_set("requirepass", password)
+            r.password = password
+            plan.parts[name].url = r.url.replace(f":{password}@", ":@")
         return r
 
     def _start_all(self, plan: _Plan, wanted: set[str], time_scale: float) -> None:
@@ -318,15 +322,6 @@ class Stack:
             if p.control_url:
                 env[f"WHATRACK_FAULT_{p.name.removeprefix('proxy_').upper()}_URL"] = p.control_url
 
-    def _pg_dir(self) -> Path:
-        """Where the embedded server keeps its data: in the stack dir, unless (as root) the server's own user
-        cannot reach it through a private parent such as /root or pytest's tmp: then under the temp dir."""
-        inside = self.dir / "postgres"
-        if os.geteuid() != 0 or all(p.stat().st_mode & stat.S_IXOTH for p in self.dir.parents):
-            return inside
-        digest = hashlib.sha256(str(self.dir).encode()).hexdigest()[:12]
-        return Path(tempfile.gettempdir()) / f"whatrack-stack-{digest}"
-
     def _native_tls(self) -> bool:
         if self.tls_terminator is not None:
             return not self.tls_terminator
@@ -342,12 +337,13 @@ class Stack:
             plan.parts["postgres"] = _Part("postgres", None, None, urlsplit(url).port or 5432, "postgres",
                                            _strip_password(url))
             return (urlsplit(url).port or 5432) if urlsplit(url).hostname else None, url
-        pg_dir = self._pg_dir()
-        pg = servers.EmbeddedPostgres(pg_dir).start()
-        pid = int((pg_dir / "pgdata" / "postmaster.pid").read_text().split("\n", 1)[0])
+        pg = servers.EmbeddedPostgres(self.dir / "postgres").start()
+        # As root the data lives where the server's own user can reach it (servers.py may pick the temp dir).
+        pgdata = Path(getattr(pg, "_pgdata", self.dir / "postgres" / "pgdata"))
+        pid = int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
         url = f"postgresql://postgres@127.0.0.1:{pg.port}/whatrack"
         plan.parts["postgres"] = _Part("postgres", pid, _created(pid), pg.port, "postgres", url,
-                                       signal="postmaster", log=str(pg_dir / "pgdata" / "server.log"))
+                                       signal="postmaster", log=str(pgdata / "server.log"), data=str(pgdata))
         with contextlib.suppress(Exception):  # already there when the stack dir is reused
             servers.create_database(pg.url, "whatrack")
         return pg.port, url
@@ -441,9 +437,9 @@ class Stack:
                         proc.wait(5)
         for path in (self.state_path, self.env_path):
             path.unlink(missing_ok=True)
-        outside = self._pg_dir()
-        if outside != self.dir / "postgres" and outside.exists():  # ours, under the temp dir: leave no trace
-            shutil.rmtree(outside, ignore_errors=True)
+        for p in parts.values():  # data the stack kept outside its dir (the temp dir): leave no trace
+            if p.data and not Path(p.data).is_relative_to(self.dir) and Path(p.data).name.startswith("whatrack-"):
+                shutil.rmtree(p.data, ignore_errors=True)
         if stopped:
             log.info("stack in %s stopped (%s)", self.dir, ", ".join(stopped))
         return stopped
