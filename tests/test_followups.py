@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -369,3 +370,63 @@ async def test_sigterm_finishes_the_running_job(queue: Queue, redis_url: str, ct
     assert "SIGTERM: finishing running jobs" in out
     assert await queue.getJobState(jid) == "completed"
     assert uazapi.sends_by_job() == {jid: 1}
+
+
+# -- the real parts: PostgreSQL store, the UAZAPI client and stand-in, Centrifugo (devstack) ---------------------------
+
+
+def _serve(module: str, port: int, *args: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    with open(f"{module.rsplit('.', 1)[-1]}.log", "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", module, "--port", str(port), *args],
+                                env={**os.environ, **env}, stdout=out, stderr=subprocess.STDOUT)
+    servers.wait_for_port("127.0.0.1", port, timeout=60)
+    return proc
+
+
+async def test_real_store_uazapi_and_centrifugo_end_to_end(queue: Queue, redis_url: str,
+                                                           make_pg_database: Callable[[], str]) -> None:
+    import httpx
+    from store_helpers import OWNER, T0, TOKEN, message
+
+    from whatrack.realtime import Realtime
+    from whatrack.store import Store
+    from whatrack.uazapi_send import UazapiClient
+
+    store = Store.from_url(make_pg_database())
+    await store.upgrade()
+    inst = await store.register_instance("acme", "inst-a", TOKEN, owner=OWNER)
+    lead_id = (await store.save_message(inst, message(sent_at=T0))).lead_id  # replied long before: still sent
+    ua_port, cent_port = servers.free_port(), servers.free_port()
+    ua = _serve("whatrack.devstack.uazapi_server", ua_port,
+                env={"WHATRACK_UAZAPI_INSTANCES": f"inst-a:{TOKEN}:{OWNER}"})
+    cent = _serve("whatrack.devstack.centrifugo", cent_port, "--redis-url", redis_url,
+                  env={"CENTRIFUGO_API_KEY": "cent-key"})
+    client = UazapiClient(f"http://127.0.0.1:{ua_port}", TOKEN)
+    rt = Realtime(f"http://127.0.0.1:{cent_port}/api", "cent-key")
+    ctx = WorkerContext(store=store, uazapi=client, realtime=rt, closers=[store.aclose, client.aclose, rt.aclose])
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ua_port}") as dev:
+            await dev.post("/_dev/fail", params={"count": 1, "status": 503})  # the first send fails: retried
+            async with running(redis_url, handler(ctx), ctx):
+                job = await queue.add(JOB_NAME, FollowupJob(inst.organization_id, inst.id, lead_id, "Ainda tem "
+                                                            "interesse? 🙂", datetime.now(UTC)).to_wire(),
+                                      {"jobId": "e2e-1", "backoff": {"type": "fixed", "delay": 50}})
+                assert await finished(queue, "e2e-1") == {"e2e-1": "completed"}
+                # the same job run again (a duplicate delivery of the work): nothing new is sent or stored
+                again = await process_followup(ctx, job)
+            sends = (await dev.get("/_dev/sends")).json()["sends"]
+        assert [(s["ok"], s["track_id"]) for s in sends] == [(False, "e2e-1"), (True, "e2e-1")]
+        assert sends[1]["number"] == "5511988887777" and sends[1]["text"] == "Ainda tem interesse? 🙂"
+        done = await Job.fromId(queue, "e2e-1")
+        assert done is not None and done.attemptsMade == 2 and done.returnvalue["storedNow"] is True
+        assert again["sentEarlier"] is True and again["storedNow"] is False
+        rows = [r for r in await store.message_rows() if r["direction"] == "outbound"]
+        assert len(rows) == 1 and rows[0]["external_id"] == sends[1]["messageid"] and rows[0]["published_at"]
+        history = await rt.history(f"conversation:{rows[0]['conversation_id']}")
+        assert [(h["content"], h["externalId"]) for h in history if h.get("direction") == "outbound"] == [
+            ("Ainda tem interesse? 🙂", sends[1]["messageid"])]
+    finally:
+        await ctx.aclose()
+        for p in (ua, cent):
+            p.terminate()
+            p.wait(10)
