@@ -221,6 +221,12 @@ def _kernel_manager_class(env: Mapping[str, str]) -> type:
     from jupyter_client.manager import AsyncKernelManager
 
     class _EnvKernelManager(AsyncKernelManager):
+        # IPC sockets (files in the runtime dir, owner-only) rather than loopback TCP: nothing else on the machine
+        # can connect to the kernel, and ipykernel has no plain-TCP warning to print.
+        def __init__(self, **kw: Any) -> None:
+            kw.setdefault("transport", "ipc")
+            super().__init__(**kw)
+
         # start_kernel calls _async_pre_start_kernel, which hands ``env`` on to the provisioner's Popen.
         async def _async_pre_start_kernel(self, **kw: Any) -> Any:
             kw["env"] = {**dict(env), **kw.get("env", {})}
@@ -421,6 +427,8 @@ def rerender(run_dir: Path) -> Path:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    logging.getLogger("papermill").setLevel(logging.WARNING)  # one progress line per phase is ours
+
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
