@@ -7,10 +7,15 @@ request is recorded with its exact body, URL and headers; ``behaviour`` decides 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -153,3 +158,55 @@ def events(client: QStash, **flt: Any) -> list[Any]:
 def states(client: QStash, message_id: str) -> list[str]:
     """A message's event states, oldest first."""
     return [e.state.value for e in reversed(events(client, message_id=message_id))]
+
+
+class BrokerProcess:
+    """The broker as its own process (``python -m whatrack.devstack.qstash_broker``), to be killed for real.
+
+    Secrets travel in the environment, as ``whatrack stack up`` passes them; the log goes to ``log_path``.
+    """
+
+    def __init__(self, redis_url: str, log_path: Path, *, port: int | None = None, time_scale: float = TIME_SCALE,
+                 token: str = DEV_TOKEN, current_key: str = DEV_CURRENT_KEY, next_key: str = DEV_NEXT_KEY) -> None:
+        self.redis_url = redis_url
+        self.log_path = log_path
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.time_scale = time_scale
+        self.env = {**os.environ, "QSTASH_TOKEN": token, "QSTASH_CURRENT_SIGNING_KEY": current_key,
+                    "QSTASH_NEXT_SIGNING_KEY": next_key}
+        self.token = token
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> BrokerProcess:
+        args = [sys.executable, "-m", "whatrack.devstack.qstash_broker", "--host", "127.0.0.1", "--port",
+                str(self.port), "--redis-url", self.redis_url, "--time-scale", str(self.time_scale)]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # health: GET /v2/keys with the token answers 200
+            if self.proc.poll() is not None:
+                raise AssertionError(f"broker exited with {self.proc.returncode}: {self.log_path.read_text()}")
+            try:
+                if httpx.get(self.url + "/v2/keys", headers={"Authorization": f"Bearer {self.token}"},
+                             timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError("broker did not answer GET /v2/keys within 30 s")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, in-flight deliveries are cut."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)

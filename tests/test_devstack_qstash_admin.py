@@ -10,9 +10,6 @@ import time
 
 import pytest
 import redis
-from qstash import QStash
-from qstash.errors import QStashError, SignatureError
-
 from devstack_qstash_kit import (  # noqa: F401  (fixtures: broker, client, receiver)
     TIME_SCALE,
     Receiver,
@@ -23,6 +20,9 @@ from devstack_qstash_kit import (  # noqa: F401  (fixtures: broker, client, rece
     verify,
     wait_until,
 )
+from qstash import QStash
+from qstash.errors import QStashError, SignatureError
+
 from whatrack.devstack.qstash_broker import DEV_CURRENT_KEY, DEV_NEXT_KEY, DEV_TOKEN, Broker, BrokerThread
 
 
@@ -46,7 +46,8 @@ def test_batch_mixes_urls_url_groups_and_queues(client: QStash, receiver: Receiv
 
 def test_url_groups(broker: BrokerThread, client: QStash, receiver: Receiver) -> None:
     client.url_group.delete("missing")  # 2xx for a group that does not exist (the py tests rely on it)
-    client.url_group.upsert_endpoints(url_group="g", endpoints=[{"url": receiver.url("/1")}, {"url": receiver.url("/2")}])
+    client.url_group.upsert_endpoints(url_group="g",
+                                      endpoints=[{"url": receiver.url("/1")}, {"url": receiver.url("/2")}])
     g = client.url_group.get("g")
     assert g.name == "g" and [e.url for e in g.endpoints] == [receiver.url("/1"), receiver.url("/2")]
     assert [x.name for x in client.url_group.list()] == ["g"]

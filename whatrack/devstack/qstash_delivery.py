@@ -85,6 +85,7 @@ class Dispatcher:
         self._client: httpx.AsyncClient | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._next_schedule: int | None = 0  # 0: look at the schedules on the first pass
         self.delivered = 0
 
     # lifecycle -------------------------------------------------------------------------------------------------
@@ -139,28 +140,28 @@ class Dispatcher:
                     await asyncio.wait_for(self.wake.wait(), timeout)
 
     async def _pass(self) -> float:
-        """One pass; returns how long to sleep (0 = go again at once) unless woken."""
+        """One pass; returns how long to sleep (0 = go again at once) unless woken. One Redis round trip when idle."""
         now = now_ms()
-        await fire_due_schedules(self.store, self.flow, now)
+        if self._next_schedule is not None and self._next_schedule <= now:
+            await fire_due_schedules(self.store, self.flow, now)
         for q in list(self.dirty_queues):
             self.dirty_queues.discard(q)
             await self.store.pump_queue(q, now)
-        rate_wake = await self.flow.release(time.time())
+        rate_wake = await self.flow.release(time.time()) if self.flow.waiting else None
         free = self.concurrency - len(self.in_flight)
         if free <= 0:
             return IDLE_WAIT_S
-        claimed = await self.store.claim(now, min(free, CLAIM_BATCH), now + 1000 * LEASE_MARGIN_S)
-        for mid, rec, body in claimed:
+        want = min(free, CLAIM_BATCH)
+        claimed = await self.store.claim(now, want, now + 1000 * LEASE_MARGIN_S)
+        self._next_schedule = claimed.next_schedule
+        for mid, rec, body in claimed.items:
             await self._dispatch(mid, rec, body)
-        if len(claimed) == min(free, CLAIM_BATCH):
+        if len(claimed.items) == want:
             return 0.0
         waits = [IDLE_WAIT_S]
-        nxt = await self.store.next_due()
-        if nxt is not None:
-            waits.append(max(0.0, (nxt - now_ms()) / 1000))
-        sched = await self.store.r.zrange(self.store.k("schedule_due"), 0, 0, withscores=True)
-        if sched:
-            waits.append(max(0.0, sched[0][1] / 1000 - time.time()))
+        for t in (claimed.next_due, claimed.next_schedule):
+            if t is not None:
+                waits.append(max(0.0, (t - now_ms()) / 1000))
         if rate_wake is not None:
             waits.append(max(0.0, rate_wake - time.time()))
         return min(waits)

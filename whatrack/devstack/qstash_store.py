@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aredis
@@ -56,10 +57,11 @@ end
 return false
 """
 
-# Claim up to ARGV[2] due messages: move them from P:due to P:lease and return (id, rec, body) triples.
+# Claim up to ARGV[2] due messages: move them from P:due to P:lease and return, in one round trip, the score of the
+# next message due (or ''), of the next schedule trigger (or ''), then (id, rec, body) triples.
 _CLAIM = """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-local out = {}
+local out = {'', ''}
 for _, id in ipairs(ids) do
   redis.call('ZREM', KEYS[1], id)
   local v = redis.call('HMGET', ARGV[4] .. id, 'rec', 'body')
@@ -68,6 +70,10 @@ for _, id in ipairs(ids) do
     table.insert(out, id); table.insert(out, v[1]); table.insert(out, v[2] or '')
   end
 end
+local nd = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if nd[2] then out[1] = nd[2] end
+local ns = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+if ns[2] then out[2] = ns[2] end
 return out
 """
 
@@ -91,6 +97,15 @@ while redis.call('SCARD', KEYS[3]) < par do
 end
 return moved
 """
+
+
+@dataclass
+class Claimed:
+    """What one claim returned: leased messages, and the next due times (unix ms) of messages and schedules."""
+
+    items: list[tuple[str, Record, bytes]]
+    next_due: int | None
+    next_schedule: int | None
 
 
 class Store:
@@ -138,14 +153,12 @@ class Store:
         found = await self._accept(keys=[], args=argv)
         return json.loads(found) if found else None
 
-    async def claim(self, now: int, count: int, lease_until: int) -> list[tuple[str, Record, bytes]]:
-        flat = await self._claim(keys=[self.k("due"), self.k("lease")],
+    async def claim(self, now: int, count: int, lease_until: int) -> Claimed:
+        """Lease up to ``count`` due messages; also say when the next message and the next schedule are due."""
+        flat = await self._claim(keys=[self.k("due"), self.k("lease"), self.k("schedule_due")],
                                  args=[now, count, lease_until, self.k("msg", "")])
-        return [(flat[i].decode(), json.loads(flat[i + 1]), bytes(flat[i + 2])) for i in range(0, len(flat), 3)]
-
-    async def next_due(self) -> int | None:
-        first = await self.r.zrange(self.k("due"), 0, 0, withscores=True)
-        return int(first[0][1]) if first else None
+        items = [(flat[i].decode(), json.loads(flat[i + 1]), bytes(flat[i + 2])) for i in range(2, len(flat), 3)]
+        return Claimed(items, int(float(flat[0])) if flat[0] else None, int(float(flat[1])) if flat[1] else None)
 
     async def get_message(self, mid: str) -> tuple[Record, bytes] | None:
         rec, body = await self.r.hmget(self.k("msg", mid), ["rec", "body"])
