@@ -455,9 +455,11 @@ def _cmd_lab(args: argparse.Namespace) -> int:
     import subprocess
 
     nb_dir = args.notebooks or default_notebook_dir()
-    cmd = [sys.executable, "-m", "jupyterlab", f"--notebook-dir={nb_dir}"]
+    cmd = [sys.executable, "-m", "jupyterlab", f"--notebook-dir={nb_dir}", "--ServerApp.ip=127.0.0.1"]
     if args.no_browser:
         cmd.append("--no-browser")
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        cmd.append("--allow-root")  # containers and CI machines run as root; JupyterLab refuses that otherwise
     with run_environment(dict(os.environ), use_stack=not args.no_stack, stack_dir=args.stack_dir) as (env, how):
         print(f"whatrack lab: devstack {how}", file=sys.stderr)
         proc = subprocess.Popen(cmd, env=env)
