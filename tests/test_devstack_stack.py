@@ -185,3 +185,21 @@ def test_bad_part_names_and_missing_stack(tmp_path: Path) -> None:
     with pytest.raises(StackError, match="stack up"):
         load_env(tmp_path)
     assert not Stack(tmp_path).is_up() and Stack(tmp_path).down() == []
+
+
+def test_a_half_dead_stack_is_replaced_not_doubled(tmp_path: Path) -> None:
+    stack = Stack(tmp_path / "s")
+    env = stack.up(parts=["legacy_redis"])
+    assert set(_pids(stack.dir)) == {"legacy_redis"} and "UPSTASH_REDIS_URL" not in env
+    first = _pids(stack.dir)["legacy_redis"]
+    os.kill(first, 9)
+    psutil.Process(first).wait(5)
+    assert not stack.is_up() and [r.health for r in stack.status()] == ["down"]
+    try:
+        stack.up(parts=["legacy_redis"])
+        second = _pids(stack.dir)["legacy_redis"]
+        assert second != first and stack.is_up()
+        with redis.Redis.from_url(stack.env()["LEGACY_REDIS_URL"]) as r:
+            assert r.ping()
+    finally:
+        assert stack.down() == ["legacy_redis"]
