@@ -104,7 +104,7 @@ def test_echo_has_the_fixture_shape(fixtures_dir: Path) -> None:
     fixture = json.loads((fixtures_dir / "messages_outbound_text_fromme.json").read_text())
     assert fixture["token"] == DEMO_TOKEN and fixture["owner"] == DEMO_OWNER  # the demo instance replays fixtures
     inst = parse_instances(f"{DEMO_NAME}:{DEMO_TOKEN}:{DEMO_OWNER}")[0]
-    echo = outbound_echo(inst, number="5511988887777", text="x", messageid="3EB0AAAA", timestamp_ms=1,
+    echo = outbound_echo(inst, chatid="5511988887777@s.whatsapp.net", text="x", messageid="3EB0AAAA", timestamp_ms=1,
                          base_url="http://h")
     assert set(echo) == set(fixture)
     assert set(echo["message"]) == set(fixture["message"])
@@ -130,11 +130,20 @@ def test_bad_requests_are_refused_with_a_reason(uazapi: str) -> None:
     assert r.status_code == 401 and "token" in r.json()["error"]
     r = _send(uazapi, number="abc", text="x")
     assert r.status_code == 400 and "number" in r.json()["error"]
+    r = _send(uazapi, number="123@example.com", text="x")
+    assert r.status_code == 400 and "JID" in r.json()["error"]
     r = _send(uazapi, number="5511988887777", text="")
     assert r.status_code == 400 and "text" in r.json()["error"]
     r = httpx.post(f"{uazapi}/send/text", content=b"{", headers={"token": DEMO_TOKEN})
     assert r.status_code == 400 and "JSON" in r.json()["error"]
     assert len(httpx.get(f"{uazapi}/_dev/sends").json()["sends"]) == before  # nothing recorded
+
+
+def test_jids_are_sent_as_given(uazapi: str) -> None:
+    for jid in ("100000000000001@lid", "120363000000000001@g.us"):
+        r = _send(uazapi, number=jid, text="x")
+        assert r.status_code == 200 and r.json()["chatid"] == jid
+    assert r.json()["isGroup"] is True
 
 
 def test_parse_instances_errors_do_not_show_the_token() -> None:

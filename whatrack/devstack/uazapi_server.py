@@ -38,7 +38,9 @@ log = logging.getLogger("whatrack.devstack.uazapi_server")
 ECHO_ATTEMPTS = 3
 ECHO_BACKOFF_S = 0.5
 BASE_URL_DEFAULT = "https://example.uazapi.com"
-_NUMBER = re.compile(r"^\d{8,15}$")
+#: A phone in E.164 digits (7 to 15), or a JID: phone / LID / group ids are digits (and a dash in old groups).
+_NUMBER = re.compile(r"^\d{7,15}$")
+_JID = re.compile(r"^[\d-]{5,40}@(s\.whatsapp\.net|lid|g\.us)$")
 
 
 @dataclass(frozen=True)
@@ -73,11 +75,21 @@ def new_message_id() -> str:
     return "3EB0" + secrets.token_hex(9).upper()
 
 
-def outbound_echo(instance: Instance, *, number: str, text: str, messageid: str, timestamp_ms: int,
+def chat_jid(number: str) -> str | None:
+    """The chat a send goes to: a JID as given, or a phone (any formatting) as ``<digits>@s.whatsapp.net``;
+    None when it is neither."""
+    if "@" in number:
+        return number if _JID.match(number) else None
+    digits = re.sub(r"\D", "", number)
+    return f"{digits}@s.whatsapp.net" if _NUMBER.match(digits) else None
+
+
+def outbound_echo(instance: Instance, *, chatid: str, text: str, messageid: str, timestamp_ms: int,
                   base_url: str, track_source: str = "", track_id: str = "") -> dict[str, Any]:
     """The ``messages`` webhook UAZAPI sends for a message sent through its API: shaped like the
     ``messages_outbound_text_fromme.json`` fixture, with ``wasSentByApi: true``. Pure."""
-    chatid = f"{number}@s.whatsapp.net"
+    number = chatid.split("@", 1)[0]
+    group = chatid.endswith("@g.us")
     owner_jid = f"{instance.owner}@s.whatsapp.net"
     chat = {
         "chatbot_agentResetMemoryAt": 0, "chatbot_disableUntil": 0, "chatbot_lastTriggerAt": 0,
@@ -86,16 +98,18 @@ def outbound_echo(instance: Instance, *, number: str, text: str, messageid: str,
         **{f"lead_field{i:02d}": "" for i in range(1, 21)},
         "lead_fullName": "", "lead_isTicketOpen": False, "lead_kanbanOrder": 0, "lead_name": "", "lead_notes": "",
         "lead_personalid": "", "lead_status": "", "lead_tags": [], "name": "", "owner": instance.owner,
-        "phone": number, "wa_archived": False, "wa_chatid": chatid, "wa_chatlid": "", "wa_contactName": "",
+        "phone": "" if group else number, "wa_archived": False, "wa_chatid": chatid, "wa_chatlid": "",
+        "wa_contactName": "",
         "wa_ephemeralExpiration": 0, "wa_fastid": f"{instance.owner}:{number}", "wa_isBlocked": False,
-        "wa_isGroup": False, "wa_isGroup_admin": False, "wa_isGroup_announce": False, "wa_isGroup_community": False,
+        "wa_isGroup": group, "wa_isGroup_admin": False, "wa_isGroup_announce": False, "wa_isGroup_community": False,
         "wa_isGroup_member": False, "wa_isPinned": False, "wa_label": [], "wa_lastMessageSender": owner_jid,
         "wa_lastMessageTextVote": text, "wa_lastMessageType": "Conversation", "wa_lastMsgTimestamp": timestamp_ms,
         "wa_muteEndTime": 0, "wa_name": "", "wa_unreadCount": 0,
     }
     message = {
         "buttonOrListid": "", "chatid": chatid, "chatlid": "", "content": text, "convertOptions": "", "edited": "",
-        "fromMe": True, "groupName": "Unknown", "id": f"{instance.owner}:{messageid}", "isGroup": False,
+        "fromMe": True, "groupName": "" if group else "Unknown", "id": f"{instance.owner}:{messageid}",
+        "isGroup": group,
         "mediaType": "", "messageTimestamp": timestamp_ms, "messageType": "Conversation", "messageid": messageid,
         "owner": instance.owner, "quoted": "", "reaction": "", "sender": owner_jid, "senderName": instance.name,
         "sender_lid": "", "sender_pn": owner_jid, "source": "api", "status": "Sent", "text": text,
@@ -141,12 +155,13 @@ class Uazapi:
                                 400)
         if not isinstance(body, dict):
             return JSONResponse({"error": "the body must be a JSON object with number and text"}, 400)
-        raw = str(body.get("number", ""))
-        number = raw.split("@", 1)[0] if "@" in raw else re.sub(r"\D", "", raw)  # a JID, or a formatted phone
+        chatid = chat_jid(str(body.get("number", "")).strip())
         text = body.get("text")
-        if not _NUMBER.match(number):
-            return JSONResponse({"error": "number is missing or not a phone number: use digits with the country "
-                                          "code, e.g. 5511988887777"}, 400)
+        if chatid is None:
+            return JSONResponse({"error": "number is missing or not a phone number or JID: use digits with the "
+                                          "country code, e.g. 5511988887777, or a JID such as ...@s.whatsapp.net"},
+                                400)
+        number = chatid.split("@", 1)[0]
         if not isinstance(text, str) or not text:
             return JSONResponse({"error": "text is missing or empty"}, 400)
         record: dict[str, Any] = {"seq": len(self.sends) + 1, "instance": inst.name, "number": number, "text": text,
@@ -160,7 +175,7 @@ class Uazapi:
             return JSONResponse({"error": f"injected failure ({self.fail_status})"}, self.fail_status)
         messageid = new_message_id()
         ts = record["at_ms"]
-        echo = outbound_echo(inst, number=number, text=text, messageid=messageid, timestamp_ms=ts,
+        echo = outbound_echo(inst, chatid=chatid, text=text, messageid=messageid, timestamp_ms=ts,
                              base_url=self.base_url, track_source=record["track_source"],
                              track_id=record["track_id"])
         record.update(ok=True, status=200, messageid=messageid, id=echo["message"]["id"],
