@@ -150,6 +150,7 @@ def test_a_passing_run_writes_index_results_and_provenance(tmp_path: Path, monke
     data = json.loads((d / "run.json").read_text())
     assert data["status"] == "passed" and data["mode"] == "offline"
     assert data["phases"][0]["parameters"] == {"sample_size": 7}
+    assert data["phases"][0]["defaults"] == {"sample_size": "3", "label": "'x'", "ratio": "0.5", "dry_run": "True"}
     assert data["provenance"]["packages"]["papermill"]
     assert {"git_commit", "git_dirty", "python"} <= set(data["provenance"])
     assert data["scan"]["clean"] is True
@@ -158,6 +159,7 @@ def test_a_passing_run_writes_index_results_and_provenance(tmp_path: Path, monke
     assert fig.read_bytes().startswith(b"\x89PNG")
     index = (d / "index.html").read_text()
     assert "First phase" in index and "no message lost" in index and 'href="00_first/00_first.html"' in index
+    assert "<code>7</code></td>\n<td>set by -p" in index and "<code>&#39;x&#39;</code></td>\n<td>default" in index
     # the executed notebook carries the injected parameter, not the environment
     executed = (d / "00_first" / "00_first.ipynb").read_text()
     assert "sample_size = 7" in executed and "from-the-runner" not in executed.split("injected-parameters")[1][:400]

@@ -274,7 +274,9 @@ def _execute_phase(phase: str, src: Path, params: dict[str, Any], pdir: Path, km
     pdir.mkdir(parents=True)
     (pdir / PHASE_MARKER).write_text(json.dumps({"phase": phase}) + "\n", encoding="utf-8")
     out_nb = pdir / f"{phase}.ipynb"
+    defaults = {n: p.default for n, p in runs_params.declared(src).items()}
     rec: dict[str, Any] = {"phase": phase, "title": runs_report.notebook_title(src), "parameters": params,
+                           "defaults": defaults,
                            "notebook": f"{phase}/{out_nb.name}", "html": None, "figures": [], "results": None,
                            "error": None, "started": _now()}
     t0 = time.monotonic()

@@ -183,8 +183,10 @@ token-shaped string found.</p>
 {% if ph.html %}<p><a href="{{ ph.html }}">Open the executed notebook (HTML)</a></p>{% endif %}
 {% if ph.error %}<p class="failed">Failed in cell {{ ph.error.cell_index }}: <code>{{ ph.error.ename }}: {{
 ph.error.evalue }}</code></p><pre>{{ ph.error.source }}</pre>{% endif %}
-{% if ph.parameters %}<table><tr><th>parameter</th><th>value</th></tr>
-{% for k, v in ph.parameters.items() %}<tr><td><code>{{ k }}</code></td><td><code>{{ v }}</code></td></tr>{% endfor %}
+{% if ph.defaults or ph.parameters %}<table><tr><th>parameter</th><th>value</th><th></th></tr>
+{% for k, v in (ph.defaults or ph.parameters).items() %}<tr><td><code>{{ k }}</code></td>
+<td><code>{{ ph.parameters[k] if k in ph.parameters else v }}</code></td>
+<td>{{ 'set by -p' if k in ph.parameters else 'default' }}</td></tr>{% endfor %}
 </table>{% endif %}
 {% if ph.results and ph.results.checks %}<table><tr><th>check</th><th>evidence</th><th>verdict</th></tr>
 {% for c in ph.results.checks %}<tr><td>{{ c.name }}</td><td>{{ c.evidence }}</td>
