@@ -68,7 +68,7 @@ def _send(base: str, token: str = DEMO_TOKEN, **body: Any) -> httpx.Response:
 
 def _wait_echo(base: str, seq: int) -> dict[str, Any]:
     for _ in range(500):
-        rec: dict[str, Any] = httpx.get(f"{base}/_dev/sends").json()["sends"][seq - 1]
+        rec: dict[str, Any] = next(r for r in httpx.get(f"{base}/_dev/sends").json()["sends"] if r["seq"] == seq)
         if rec.get("echo") != "pending":
             return rec
         time.sleep(0.01)
@@ -84,7 +84,7 @@ def test_send_is_recorded_and_echoed_through_qstash(uazapi: str,
     assert sent["chatid"] == "5511988887777@s.whatsapp.net" and sent["fromMe"] is True
     assert sent["wasSentByApi"] is True and sent["text"] == "Olá! Seguimos? 👋"
     sends = httpx.get(f"{uazapi}/_dev/sends").json()["sends"]
-    rec = _wait_echo(uazapi, len(sends))
+    rec = _wait_echo(uazapi, sends[-1]["seq"])
     assert rec["echo"] == "published" and rec["messageid"] == sent["messageid"] and rec["number"] == "5511988887777"
     req = next(q for q in qstash_stub[1] if json.loads(q["body"])["message"]["messageid"] == sent["messageid"])
     assert req["path"] == f"/v2/publish/{WEBHOOK}"
@@ -137,6 +137,7 @@ def test_bad_requests_are_refused_with_a_reason(uazapi: str) -> None:
     r = httpx.post(f"{uazapi}/send/text", content=b"{", headers={"token": DEMO_TOKEN})
     assert r.status_code == 400 and "JSON" in r.json()["error"]
     assert len(httpx.get(f"{uazapi}/_dev/sends").json()["sends"]) == before  # nothing recorded
+    assert httpx.delete(f"{uazapi}/_dev/sends").json() == {"sends": []}
 
 
 def test_jids_are_sent_as_given(uazapi: str) -> None:

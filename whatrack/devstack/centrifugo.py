@@ -202,7 +202,14 @@ class Centrifugo:
             await self.redis.hsetnx(f"{PREFIX}meta:{channel}", "epoch", secrets.token_urlsafe(3)[:4])
             meta = await self.redis.hgetall(f"{PREFIX}meta:{channel}")
         epoch, top = meta["epoch"], int(meta.get("offset", 0))
-        raw: list[str] = await self.redis.lrange(f"{PREFIX}stream:{channel}", 0, -1)  # type: ignore[assignment]
+        limit = int(params.get("limit") or 0)
+        since = params.get("since")
+        if limit == 0 and not isinstance(since, dict):
+            return {"publications": [], "epoch": epoch, "offset": top}
+        start, stop = 0, -1
+        if limit > 0 and not isinstance(since, dict):  # read only what is asked: streams can be long
+            start, stop = (-limit, -1) if params.get("reverse") else (0, limit - 1)
+        raw: list[str] = await self.redis.lrange(f"{PREFIX}stream:{channel}", start, stop)  # type: ignore[assignment]
         oldest_ms = (time.time() - ns.history_ttl_s) * 1000
         pubs: list[dict[str, Any]] = []
         for item in raw:
@@ -214,7 +221,6 @@ class Centrifugo:
             if t:
                 pub["tags"] = t
             pubs.append(pub)
-        since = params.get("since")
         if isinstance(since, dict):
             if since.get("epoch", "") != epoch:
                 raise ApiError(*UNRECOVERABLE)
@@ -225,7 +231,6 @@ class Centrifugo:
             pubs = [p for p in pubs if p["offset"] > since_off]
         if params.get("reverse"):
             pubs.reverse()
-        limit = int(params.get("limit") or 0)
         if limit == 0:
             pubs = []
         elif limit > 0:

@@ -5,7 +5,7 @@
 webhook does, posts the outbound message as a ``fromMe`` ``messages`` webhook through QStash
 (``POST {QSTASH_URL}/v2/publish/{WEBHOOK_PUBLIC_URL}``, official ``qstash`` client), retrying as UAZAPI does.
 
-Development endpoints (outside UAZAPI's API): ``GET /_dev/sends`` (every attempt, in order),
+Development endpoints (outside UAZAPI's API): ``GET /_dev/sends`` (every attempt, in order; ``DELETE`` clears),
 ``POST /_dev/fail?count=N&status=503`` (the next N sends fail with that status), ``GET /_dev/health``.
 
 Instances (name, token, owner) come from ``--instance NAME:TOKEN:OWNER`` or, to keep tokens out of ``ps``, from
@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import contextlib
 import hmac
+import itertools
 import json
 import logging
 import re
@@ -128,6 +129,7 @@ class Uazapi:
         self.base_url = base_url
         self.webhook_url = webhook_url
         self.sends: list[dict[str, Any]] = []
+        self._seq = itertools.count(1)
         self.fail_count = 0
         self.fail_status = 503
         self._tasks: set[asyncio.Task[None]] = set()
@@ -164,7 +166,7 @@ class Uazapi:
         number = chatid.split("@", 1)[0]
         if not isinstance(text, str) or not text:
             return JSONResponse({"error": "text is missing or empty"}, 400)
-        record: dict[str, Any] = {"seq": len(self.sends) + 1, "instance": inst.name, "number": number, "text": text,
+        record: dict[str, Any] = {"seq": next(self._seq), "instance": inst.name, "number": number, "text": text,
                                   "track_source": str(body.get("track_source", "")),
                                   "track_id": str(body.get("track_id", "")), "at_ms": int(time.time() * 1000)}
         if self.fail_count > 0:
@@ -201,6 +203,8 @@ class Uazapi:
                 await asyncio.sleep(ECHO_BACKOFF_S * attempt)
 
     async def dev_sends(self, request: Request) -> Response:
+        if request.method == "DELETE":  # a test starting from a clean record
+            self.sends.clear()
         return JSONResponse({"sends": self.sends})
 
     async def dev_fail(self, request: Request) -> Response:
@@ -235,7 +239,7 @@ def create_app(instances: list[Instance], **kw: Any) -> Starlette:
         await u.aclose()
 
     app = Starlette(routes=[Route("/send/text", u.send_text, methods=["POST"]),
-                            Route("/_dev/sends", u.dev_sends, methods=["GET"]),
+                            Route("/_dev/sends", u.dev_sends, methods=["GET", "DELETE"]),
                             Route("/_dev/fail", u.dev_fail, methods=["POST"]),
                             Route("/_dev/health", u.dev_health, methods=["GET"])], lifespan=lifespan)
     app.state.uazapi = u
