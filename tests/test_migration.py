@@ -60,12 +60,20 @@ def test_verify_finds_every_kind_of_difference(mig: Pair) -> None:
         t.lrem(f"bull:{QUEUE}:wait", 1, wid)      # job state: waiting -> absent
         t.zadd(f"bull:{QUEUE}:failed", {wid: 1})  # ... -> failed
         t.hset(f"bull:{QUEUE}:{wid.decode()}", "atm", 5)
+        # same-length changes the digests must still see
+        t.hset("lead:1", "name", "Lead X")
+        t.srem("tags:4", "a")
+        t.sadd("tags:4", "A")
+        t.zadd("scores:5", {"x": 1.25})
+        t.xgroup_setid("audit", "auditors", "0")
+        t.lset("biglist", 6000, "changed")  # a big key, digested in chunks on the client
     v = verify(mig.source_url, mig.target_url, ca_bundle=mig.ca)
     assert not v.ok and v.verdict.startswith("verify MISMATCH")
     assert v.samples["missing"] == ["inbox:1"]
     assert v.samples["extra"] == ["stray"]
     assert v.samples["type"] == ["tags:2 (set -> string)"]
-    assert set(v.samples["value"]) >= {"inbox:3"}
+    assert set(v.samples["value"]) == {"inbox:3", "lead:1", "tags:4", "scores:5", "audit", "biglist",
+                                       f"bull:{QUEUE}:wait", f"bull:{QUEUE}:failed", f"bull:{QUEUE}:{wid.decode()}"}
     assert {x.split(" ")[0] for x in v.samples["ttl"]} == {"lead:5", "session:7"}
     assert any(f"{wid.decode()}: waiting" not in x and f"/{wid.decode()}: wait -> failed" in x
                for x in v.samples["job"])
