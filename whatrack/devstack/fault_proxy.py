@@ -18,6 +18,7 @@ import socket
 import ssl
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,9 +32,6 @@ from whatrack.errors import StackError
 
 log = logging.getLogger("whatrack.devstack.fault_proxy")
 
-#: Read size per hop: large enough that bulk copies move in few syscalls, small enough to stay fair.
-CHUNK = 256 * 1024
-
 
 @dataclass
 class FaultState:
@@ -46,13 +44,129 @@ class FaultState:
     counters: dict[str, int] = field(default_factory=lambda: {"accepted": 0, "reset": 0, "refused_window": 0})
 
 
-def _abort_with_rst(writer: asyncio.StreamWriter) -> None:
+def _abort_with_rst(transport: asyncio.BaseTransport) -> None:
     """Close a connection with a TCP RST (SO_LINGER 0), the way a crashed peer or a middlebox does."""
-    sock = writer.get_extra_info("socket")
+    sock = transport.get_extra_info("socket")
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
+    transport.abort()  # type: ignore[attr-defined]
+
+
+class _Side(asyncio.Protocol):
+    """One socket of a proxied connection; what it reads goes to its peer (now, or ``latency`` later)."""
+
+    def __init__(self, link: _Link) -> None:
+        self.link = link
+        self.transport: asyncio.Transport | None = None
+        self.peer: _Side | None = None
+        self._last_due = 0.0  # keeps order when the latency changes mid-stream
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        with contextlib.suppress(OSError, AttributeError):
+            transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.link.made(self)
+
+    def _deliver(self, action: Callable[[], None]) -> None:
+        ms = self.link.proxy.state.latency_ms
+        loop = asyncio.get_running_loop()
+        if not ms and self._last_due <= loop.time():
+            action()
+            return
+        self._last_due = max(self._last_due, loop.time() + ms / 1000.0)
+        loop.call_at(self._last_due, action)
+
+    def data_received(self, data: bytes) -> None:
+        self._deliver(lambda: self._write_peer(data))
+
+    def _write_peer(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is not None and peer.transport is not None and not peer.transport.is_closing():
+            peer.transport.write(data)
+
+    def eof_received(self) -> bool:
+        def half_close() -> None:
+            peer = self.peer
+            if peer is not None and peer.transport is not None and not peer.transport.is_closing():
+                if peer.transport.can_write_eof():
+                    peer.transport.write_eof()
+                else:
+                    peer.transport.close()
+
+        self._deliver(half_close)
+        return True  # keep our side open for the other direction (TLS transports close anyway)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.link.lost(self, exc)
+
+    # Flow control: when a peer's send buffer fills, stop reading here until it drains.
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.resume_reading()
+
+
+class _Link:
+    """A client connection and its upstream connection."""
+
+    def __init__(self, proxy: FaultProxy) -> None:
+        self.proxy = proxy
+        self.client = _Side(self)
+        self.upstream = _Side(self)
+        self.client.peer, self.upstream.peer = self.upstream, self.client
+        self.closed = False
+
+    def made(self, side: _Side) -> None:
+        if side is not self.client:
+            assert self.client.transport is not None
+            self.client.transport.resume_reading()
+            return
+        assert side.transport is not None
+        state = self.proxy.state
+        state.counters["accepted"] += 1
+        if state.reset or state.outage:
+            state.counters["refused_window"] += 1
+            self.closed = True
+            _abort_with_rst(side.transport)
+            return
+        side.transport.pause_reading()  # until the upstream is connected
+        self.proxy._links.add(self)
+        task = asyncio.get_running_loop().create_task(self._connect())
+        self.proxy._tasks.add(task)
+        task.add_done_callback(self.proxy._tasks.discard)
+
+    async def _connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.create_connection(lambda: self.upstream, *self.proxy.target)
+        except OSError:
+            self.abort(rst=True)
+
+    def lost(self, side: _Side, exc: Exception | None) -> None:
+        other = side.peer
+        if other is not None and other.transport is not None and not other.transport.is_closing():
+            # the peer went: pass the end on (after any delayed data), as a reset if it was one
+            if exc is not None:
+                other._deliver(lambda: _abort_with_rst(other.transport) if other.transport else None)
+            else:
+                other._deliver(lambda: other.transport.close() if other.transport else None)
+        if all(s.transport is None or s.transport.is_closing() for s in (self.client, self.upstream)):
+            self.closed = True
+            self.proxy._links.discard(self)
+
+    def abort(self, *, rst: bool) -> None:
+        for s in (self.client, self.upstream):
+            if s.transport is not None and not s.transport.is_closing():
+                if rst:
+                    _abort_with_rst(s.transport)
+                else:
+                    s.transport.abort()
+        self.closed = True
+        self.proxy._links.discard(self)
 
 
 class FaultProxy:
@@ -66,9 +180,9 @@ class FaultProxy:
         self.server_ssl = server_ssl
         self.state = FaultState()
         self._server: asyncio.Server | None = None
-        self._conns: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter | None]] = set()
+        self._links: set[_Link] = set()
         self._heal_task: asyncio.Task[None] | None = None
-        self._handlers: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
 
@@ -79,8 +193,9 @@ class FaultProxy:
         return self
 
     async def _listen(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.listen_host, self.port, ssl=self.server_ssl,
-                                                  reuse_address=True, limit=CHUNK)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Link(self).client, self.listen_host, self.port,
+                                                ssl=self.server_ssl, reuse_address=True)
         self.port = int(self._server.sockets[0].getsockname()[1])
 
     async def close(self) -> None:
@@ -90,8 +205,10 @@ class FaultProxy:
             self._server.close()
             self._server = None
         self._cut_all()
-        if self._handlers:  # let each connection's handler see its transport go, so none is left pending
-            await asyncio.wait(set(self._handlers), timeout=5)
+        if self._tasks:  # upstream connections still being made: let them finish (and be cut)
+            await asyncio.wait(set(self._tasks), timeout=5)
+            self._cut_all()
+        await asyncio.sleep(0)  # let the aborted transports call connection_lost
 
     async def __aenter__(self) -> FaultProxy:
         return await self.start()
@@ -154,92 +271,15 @@ class FaultProxy:
         remaining = max(0.0, s.until - time.monotonic()) if s.until else None
         fault = "outage" if s.outage else "reset" if s.reset else "latency" if s.latency_ms else "none"
         return {"port": self.port, "target": f"{self.target[0]}:{self.target[1]}", "fault": fault,
-                "latency_ms": s.latency_ms, "remaining_s": remaining, "open_connections": len(self._conns),
+                "latency_ms": s.latency_ms, "remaining_s": remaining, "open_connections": len(self._links),
                 **s.counters}
 
     def _cut_all(self, *, rst: bool = False) -> None:
-        for client, upstream in list(self._conns):
-            for w in (client, upstream):
-                if w is not None and rst:
-                    _abort_with_rst(w)
-                elif w is not None:
-                    w.transport.abort()
+        for link in list(self._links):
+            link.abort(rst=rst)
             if rst:
                 self.state.counters["reset"] += 1
-        self._conns.clear()
-
-    # -- the data path --------------------------------------------------------------------------------------------
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._handlers.add(task)
-            task.add_done_callback(self._handlers.discard)
-        self.state.counters["accepted"] += 1
-        if self.state.reset or self.state.outage:
-            self.state.counters["refused_window"] += 1
-            _abort_with_rst(writer)
-            return
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target, limit=CHUNK)
-        except OSError:
-            _abort_with_rst(writer)
-            return
-        for w in (writer, up_writer):
-            sock = w.get_extra_info("socket")
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        pair = (writer, up_writer)
-        self._conns.add(pair)
-        try:
-            await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
-        finally:
-            self._conns.discard(pair)
-            for w in pair:
-                w.close()
-
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        delayed: asyncio.Queue[tuple[float, bytes]] | None = None
-        sender: asyncio.Task[None] | None = None
-        try:
-            while True:
-                data = await reader.read(CHUNK)
-                if not data:
-                    break
-                ms = self.state.latency_ms
-                if ms or delayed is not None:
-                    # Latency keeps order and throughput: each chunk is due `ms` after it arrived.
-                    if delayed is None:
-                        delayed = asyncio.Queue()
-                        sender = asyncio.create_task(self._send_delayed(delayed, writer))
-                    delayed.put_nowait((time.monotonic() + ms / 1000.0, data))
-                    continue
-                writer.write(data)
-                await writer.drain()
-            if delayed is not None and sender is not None:
-                delayed.put_nowait((0.0, b""))
-                await sender
-                sender = None
-            if writer.can_write_eof():
-                writer.write_eof()
-        except (ConnectionError, OSError, asyncio.IncompleteReadError):
-            writer.transport.abort()
-        finally:
-            if sender is not None:
-                sender.cancel()
-
-    @staticmethod
-    async def _send_delayed(queue: asyncio.Queue[tuple[float, bytes]], writer: asyncio.StreamWriter) -> None:
-        while True:
-            due, data = await queue.get()
-            if not data:
-                return
-            wait = due - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            writer.write(data)
-            await writer.drain()
+        self._links.clear()
 
 
 # -- HTTP control ---------------------------------------------------------------------------------------------------
