@@ -414,18 +414,43 @@ async def test_a_failure_inside_the_transaction_leaves_no_rows(store: Store, ins
 @pytest.mark.parametrize("dialect", ["postgresql", pytest.param("sqlite", marks=pytest.mark.sqlite)])
 async def test_unreachable_database_is_a_store_error(dialect: str, tmp_path: Path) -> None:
     if dialect == "sqlite":
-        url = f"sqlite:///{tmp_path}/no/such/dir/store.db"
+        (tmp_path / "store.db").write_bytes(b"this is not a database, just a file in its place " * 100)
+        urls = [f"sqlite:///{tmp_path}/store.db", f"sqlite:///{tmp_path}/no/such/dir/store.db"]
     else:
-        url = f"postgresql://whatrack:pw-never-shown@127.0.0.1:{servers.free_port()}/whatrack"
-    store = Store.from_url(url)
-    assert "pw-never-shown" not in repr(store)
+        urls = [f"postgresql://whatrack:pw-never-shown@127.0.0.1:{servers.free_port()}/whatrack"]
+    for url in urls:
+        store = Store.from_url(url)
+        assert "pw-never-shown" not in repr(store)
+        try:
+            with pytest.raises(StoreError) as info:
+                await store.save_message(InstanceRef(1, 1, "inst-a"), message())
+            assert "pw-never-shown" not in str(info.value)
+            with pytest.raises(StoreError):
+                await store.counts()
+        finally:
+            await store.aclose()
+
+
+async def test_statement_timeout_is_a_store_error_and_rolls_back(pg_store_url: str) -> None:
+    """PostgreSQL only (SQLite has no statement timeout): a save stuck behind a lock times out, whole."""
+    import psycopg
+
+    store = Store.from_url(pg_store_url, statement_timeout_ms=300)
+    locker = await psycopg.AsyncConnection.connect(pg_store_url)
     try:
-        with pytest.raises(StoreError) as info:
-            await store.save_message(InstanceRef(1, 1, "inst-a"), message())
-        assert "pw-never-shown" not in str(info.value)
-        with pytest.raises(StoreError):
-            await store.counts()
+        async with store.engine.begin() as conn:
+            for table in reversed(TABLES):
+                await conn.execute(text(f"DELETE FROM {table}"))  # noqa: S608 (fixed table names)
+        inst = await store.register_instance("acme", "inst-a", TOKEN, owner=OWNER)
+        await locker.execute("LOCK TABLE message IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(StoreError, match="QueryCanceled"):
+            await store.save_message(inst, message())
+        await locker.rollback()
+        counts = await store.counts()
+        assert (counts["lead"], counts["conversation"], counts["ticket"], counts["message"]) == (0, 0, 0, 0)
+        assert (await store.save_message(inst, message())).created
     finally:
+        await locker.close()
         await store.aclose()
 
 

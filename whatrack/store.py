@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, and_, case, func, literal, or_, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy import func, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from whatrack import store_rows as rows
+from whatrack import store_steps as steps
 from whatrack import store_upgrade
 from whatrack.errors import ConfigError, PayloadError
 from whatrack.events import InstanceEvent, MessageEvent, ReceiptEvent
@@ -60,11 +59,6 @@ class StoredMessage:
     published: bool  # True when published_at was already set
     channel: str  # Centrifugo channel of the conversation: f"conversation:{conversation_id}"
     realtime: dict[str, Any]  # the PRD payload plus conversationId, externalId, type, direction
-
-
-_STORED_COLUMNS = (Message.id, Message.conversation_id, Message.lead_id, Message.ticket_id, Message.organization_id,
-                   Message.external_id, Message.provider_id, Message.published_at, Message.content,
-                   Message.sender_type, Message.sent_at, Message.type, Message.direction, Message.job_id)
 
 
 def _stored(row: dict[str, Any], *, created: bool) -> StoredMessage:
@@ -133,14 +127,14 @@ class Store:
         digest = rows.token_hash(token)
 
         async def tx(conn: AsyncConnection) -> InstanceRef:
-            await conn.execute(self._insert_ignore(Organization, {"name": organization, "created_at": utcnow()}))
+            await conn.execute(steps.insert_ignore(conn, Organization, {"name": organization, "created_at": utcnow()}))
             org_id = (await conn.execute(select(Organization.id).where(Organization.name == organization))).scalar_one()
             other = (await conn.execute(select(Instance.name).where(Instance.token_hash == digest))).scalar()
             if other is not None and other != instance_name:
                 raise ConfigError("token", f"this token already belongs to instance {other!r}; each UAZAPI "
                                            "instance has its own token")
             now = utcnow()
-            await conn.execute(self._insert_ignore(Instance, {
+            await conn.execute(steps.insert_ignore(conn, Instance, {
                 "organization_id": org_id, "name": instance_name, "token_hash": digest, "owner": owner,
                 "status": "unknown", "created_at": now, "updated_at": now}))
             found = (await conn.execute(select(Instance.id, Instance.organization_id)
@@ -222,27 +216,27 @@ class Store:
         t0 = time.perf_counter()
 
         async def tx(conn: AsyncConnection) -> StoredMessage:
-            existing = await self._find_message(conn, inst, ev.provider_id, ev.external_id)
+            existing = await steps.find_message(conn, inst, ev.provider_id, ev.external_id)
             if existing is not None:
                 return _stored(existing, created=False)
             org = inst.organization_id
-            lead_id = await self._upsert_lead(conn, org, ev.lead_jid, ev.lead_phone, rows.lead_name(ev), ev.is_group)
-            conv_id = await self._upsert_conversation(conn, org, lead_id, inst.id)
-            ticket_id = await self._open_ticket(conn, org, conv_id)
+            lead_id = await steps.upsert_lead(conn, org, ev.lead_jid, ev.lead_phone, rows.lead_name(ev), ev.is_group)
+            conv_id = await steps.upsert_conversation(conn, org, lead_id, inst.id)
+            ticket_id = await steps.open_ticket(conn, org, conv_id)
             values = rows.message_values(ev) | {
                 "organization_id": org, "instance_id": inst.id, "lead_id": lead_id, "conversation_id": conv_id,
                 "ticket_id": ticket_id, "created_at": utcnow(),
                 "delivered_at": utcnow() if ev.direction == "inbound" else None}
-            new_id = await self._insert_message(conn, values)
+            new_id = await steps.insert_message(conn, values)
             if new_id is None:  # a concurrent delivery of the same message won
-                return _stored(await self._must_find(conn, inst, ev.provider_id, ev.external_id), created=False)
+                return _stored(await steps.must_find(conn, inst, ev.provider_id, ev.external_id), created=False)
             if ev.edit_of:
-                await self._apply_edit(conn, inst.id, ev.edit_of, ev.text, ev.sent_at)
+                await steps.apply_edit(conn, inst.id, ev.edit_of, ev.text, ev.sent_at)
             elif not rows.is_edit_or_reaction(ev):
-                await self._apply_earlier_edit(conn, inst.id, new_id, ev.external_id)
+                await steps.apply_earlier_edit(conn, inst.id, new_id, ev.external_id)
             if not rows.is_edit_or_reaction(ev):
-                await self._touch_conversation(conn, conv_id, ev.sent_at, inbound=ev.direction == "inbound")
-            return _stored(await self._must_find(conn, inst, ev.provider_id, ev.external_id), created=True)
+                await steps.touch_conversation(conn, conv_id, ev.sent_at, inbound=ev.direction == "inbound")
+            return _stored(await steps.must_find(conn, inst, ev.provider_id, ev.external_id), created=True)
 
         stored = await self._db.transaction("save_message", tx)
         log.debug("message %s %s in %.1f ms", ev.external_id, "stored" if stored.created else "already stored",
@@ -267,8 +261,8 @@ class Store:
             rows.check_length(f, v)
 
         async def tx(conn: AsyncConnection) -> StoredMessage:
-            pid = provider_id or await self._provider_id(conn, inst, external_id)
-            existing = await self._find_message(conn, inst, pid, external_id, job_id=job_id)
+            pid = provider_id or await steps.default_provider_id(conn, inst, external_id)
+            existing = await steps.find_message(conn, inst, pid, external_id, job_id=job_id)
             if existing is not None:
                 if existing["job_id"] is None:
                     await conn.execute(update(Message).where(Message.id == existing["id"]).values(job_id=job_id))
@@ -278,21 +272,21 @@ class Store:
             if lead is None:
                 raise PayloadError("unknown_lead", f"lead {lead_id} is not a lead of organization "
                                                    f"{inst.organization_id}; the job can never be stored")
-            conv_id = await self._upsert_conversation(conn, inst.organization_id, lead_id, inst.id)
-            ticket_id = await self._open_ticket(conn, inst.organization_id, conv_id)
-            new_id = await self._insert_message(conn, {
+            conv_id = await steps.upsert_conversation(conn, inst.organization_id, lead_id, inst.id)
+            ticket_id = await steps.open_ticket(conn, inst.organization_id, conv_id)
+            new_id = await steps.insert_message(conn, {
                 "organization_id": inst.organization_id, "instance_id": inst.id, "lead_id": lead_id,
                 "conversation_id": conv_id, "ticket_id": ticket_id, "provider_id": pid, "external_id": external_id,
                 "direction": "outbound", "sender_type": "USER", "type": "text", "raw_type": None, "content": text,
                 "sent_by_api": True, "status": "sent", "sent_at": sent_at, "job_id": job_id,
                 "created_at": utcnow()})
             if new_id is None:
-                found = await self._find_message(conn, inst, pid, external_id, job_id=job_id)
+                found = await steps.find_message(conn, inst, pid, external_id, job_id=job_id)
                 if found is None:
                     raise PayloadError("conflict", f"message {external_id} conflicts with a row that cannot be read")
                 return _stored(found, created=False)
-            await self._touch_conversation(conn, conv_id, sent_at, inbound=False)
-            return _stored(await self._must_find(conn, inst, pid, external_id), created=True)
+            await steps.touch_conversation(conn, conv_id, sent_at, inbound=False)
+            return _stored(await steps.must_find(conn, inst, pid, external_id), created=True)
 
         return await self._db.transaction("save_outbound", tx)
 
@@ -385,106 +379,6 @@ class Store:
             return [dict(r._mapping) for r in await conn.execute(q)]
 
         return await self._db.transaction("message_rows", tx)
-
-    # -- steps inside a transaction -----------------------------------------------------------------------------
-
-    def _insert_ignore(self, model: type[Any], values: dict[str, Any]) -> Any:
-        """``INSERT ... ON CONFLICT DO NOTHING`` (any unique constraint) in this database's dialect."""
-        ins = pg_insert if self._db.dialect == "postgresql" else sqlite_insert
-        return ins(model).values(**values).on_conflict_do_nothing()
-
-    async def _insert_message(self, conn: AsyncConnection, values: dict[str, Any]) -> int | None:
-        r = await conn.execute(self._insert_ignore(Message, values).returning(Message.id))
-        return r.scalar()
-
-    def _message_query(self, inst: InstanceRef, provider_id: str, external_id: str,
-                       job_id: str | None = None) -> Select[*tuple[Any, ...]]:
-        cond = or_(and_(Message.organization_id == inst.organization_id, Message.provider_id == provider_id),
-                   and_(Message.instance_id == inst.id, Message.external_id == external_id))
-        if job_id is not None:
-            cond = or_(cond, Message.job_id == job_id)
-        # The job's own row first, then the exact provider id, so a retry finds what it wrote itself.
-        return select(*_STORED_COLUMNS).where(cond).order_by(
-            case((Message.job_id == job_id, 0), else_=1) if job_id else literal(0),
-            case((Message.provider_id == provider_id, 0), else_=1)).limit(1)
-
-    async def _find_message(self, conn: AsyncConnection, inst: InstanceRef, provider_id: str, external_id: str,
-                            job_id: str | None = None) -> dict[str, Any] | None:
-        r = (await conn.execute(self._message_query(inst, provider_id, external_id, job_id))).first()
-        return dict(r._mapping) if r else None
-
-    async def _must_find(self, conn: AsyncConnection, inst: InstanceRef, provider_id: str,
-                         external_id: str) -> dict[str, Any]:
-        return dict((await conn.execute(self._message_query(inst, provider_id, external_id))).one()._mapping)
-
-    async def _provider_id(self, conn: AsyncConnection, inst: InstanceRef, external_id: str) -> str:
-        """UAZAPI's ``owner:messageid`` when the owner is known (what the fromMe echo will carry)."""
-        owner = (await conn.execute(select(Instance.owner).where(Instance.id == inst.id))).scalar()
-        return f"{owner}:{external_id}" if owner else external_id
-
-    async def _upsert_lead(self, conn: AsyncConnection, org: int, jid: str, phone: str | None, name: str | None,
-                           is_group: bool) -> int:
-        match = or_(Lead.remote_jid == jid, Lead.phone == phone) if phone else Lead.remote_jid == jid
-        # Prefer the exact chat; else the same phone under another JID (a LID) is the same person.
-        q = (select(Lead.id, Lead.name).where(Lead.organization_id == org, match)
-             .order_by(case((Lead.remote_jid == jid, 0), else_=1)).limit(1))
-        r = (await conn.execute(q)).first()
-        if r is None:
-            await conn.execute(self._insert_ignore(Lead, {
-                "organization_id": org, "remote_jid": jid, "phone": phone, "name": name, "is_group": is_group,
-                "created_at": utcnow()}))
-            r = (await conn.execute(q)).one()
-        elif name and not r.name:
-            await conn.execute(update(Lead).where(Lead.id == r.id).values(name=name))
-        return int(r.id)
-
-    async def _upsert_conversation(self, conn: AsyncConnection, org: int, lead_id: int, instance_id: int) -> int:
-        q = select(Conversation.id).where(Conversation.lead_id == lead_id, Conversation.instance_id == instance_id)
-        found = (await conn.execute(q)).scalar()
-        if found is None:
-            await conn.execute(self._insert_ignore(Conversation, {
-                "organization_id": org, "lead_id": lead_id, "instance_id": instance_id, "status": "open",
-                "unread_count": 0, "created_at": utcnow()}))
-            found = (await conn.execute(q)).scalar_one()
-        return int(found)
-
-    async def _open_ticket(self, conn: AsyncConnection, org: int, conversation_id: int) -> int:
-        """The original resolveTicket: the conversation's open ticket, or a new one."""
-        q = select(Ticket.id).where(Ticket.conversation_id == conversation_id, Ticket.status == "open")
-        found = (await conn.execute(q)).scalar()
-        if found is None:
-            await conn.execute(self._insert_ignore(Ticket, {
-                "organization_id": org, "conversation_id": conversation_id, "status": "open", "opened_at": utcnow()}))
-            found = (await conn.execute(q)).scalar_one()
-        return int(found)
-
-    async def _apply_edit(self, conn: AsyncConnection, instance_id: int, target: str, text: str | None,
-                          at: datetime) -> None:
-        # Only a newer edit wins: edits can arrive out of order.
-        await conn.execute(update(Message).where(
-            Message.instance_id == instance_id, Message.external_id == target,
-            or_(Message.edited_at.is_(None), Message.edited_at < at)).values(content=text, edited_at=at))
-
-    async def _apply_earlier_edit(self, conn: AsyncConnection, instance_id: int, message_id: int,
-                                  external_id: str) -> None:
-        """An edit that arrived before its message: apply the latest such edit to the message now stored."""
-        r = (await conn.execute(select(Message.content, Message.sent_at).where(
-            Message.instance_id == instance_id, Message.edit_of == external_id)
-            .order_by(Message.sent_at.desc()).limit(1))).first()
-        if r is not None:
-            await conn.execute(update(Message).where(Message.id == message_id)
-                               .values(content=r.content, edited_at=r.sent_at))
-
-    async def _touch_conversation(self, conn: AsyncConnection, conversation_id: int, at: datetime, *,
-                                  inbound: bool) -> None:
-        last = case((or_(Conversation.last_message_at.is_(None), Conversation.last_message_at < at),
-                     literal(at, UTCDateTime())),
-                    else_=Conversation.last_message_at)
-        values: dict[str, Any] = {"last_message_at": last}
-        if inbound:
-            values["unread_count"] = Conversation.unread_count + 1
-        await conn.execute(update(Conversation).where(Conversation.id == conversation_id).values(**values))
-
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``whatrack instances add|list`` and ``whatrack db upgrade`` (see ``store_cli``)."""

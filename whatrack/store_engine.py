@@ -14,6 +14,7 @@ import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import event
@@ -121,6 +122,8 @@ class Database:
         self.safe_url = mask_url(self.engine.url.render_as_string(hide_password=False)) or ""
         # SQLite has one writer at a time: queue this process's transactions here rather than in the busy handler.
         self._lock = asyncio.Lock() if self.dialect == "sqlite" else None
+        db_file = self.engine.url.database if self.dialect == "sqlite" else None
+        self._sqlite_dir = Path(db_file).parent if db_file and db_file != ":memory:" else None
 
     @contextlib.asynccontextmanager
     async def _serialized(self) -> AsyncIterator[None]:
@@ -136,6 +139,10 @@ class Database:
         Raises:
             StoreError: any database failure (``from`` the original); nothing of the transaction is kept.
         """
+        if self._sqlite_dir is not None and not self._sqlite_dir.is_dir():
+            # Checked here, not left to the driver: aiosqlite leaks a worker thread when its connect fails.
+            raise StoreError(f"database {op} failed: the SQLite directory {self._sqlite_dir} does not exist; "
+                             "create it or fix DATABASE_URL")
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
                 async with self._serialized(), self.engine.begin() as conn:

@@ -1,0 +1,135 @@
+"""The steps of the store's transactions: upserts of lead, conversation and ticket, message lookups, edits.
+
+Each takes the open ``AsyncConnection`` of the caller's transaction (``Store`` runs them inside
+``Database.transaction``); none commits. Inserts are ``INSERT ... ON CONFLICT DO NOTHING`` followed by a read, so a
+concurrent transaction that inserted the same row first is found, not duplicated.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Select, and_, case, literal, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from whatrack.models import Conversation, Instance, Lead, Message, Ticket, UTCDateTime, utcnow
+
+if TYPE_CHECKING:
+    from whatrack.store import InstanceRef
+
+#: The columns a StoredMessage is built from.
+STORED_COLUMNS = (Message.id, Message.conversation_id, Message.lead_id, Message.ticket_id, Message.organization_id,
+                  Message.external_id, Message.provider_id, Message.published_at, Message.content,
+                  Message.sender_type, Message.sent_at, Message.type, Message.direction, Message.job_id)
+
+
+def insert_ignore(conn: AsyncConnection, model: type[Any], values: dict[str, Any]) -> Any:
+    """``INSERT ... ON CONFLICT DO NOTHING`` (any unique constraint) in this database's dialect."""
+    ins = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    return ins(model).values(**values).on_conflict_do_nothing()
+
+
+async def insert_message(conn: AsyncConnection, values: dict[str, Any]) -> int | None:
+    r = await conn.execute(insert_ignore(conn, Message, values).returning(Message.id))
+    return r.scalar()
+
+
+def message_query(inst: InstanceRef, provider_id: str, external_id: str,
+                  job_id: str | None = None) -> Select[*tuple[Any, ...]]:
+    cond = or_(and_(Message.organization_id == inst.organization_id, Message.provider_id == provider_id),
+               and_(Message.instance_id == inst.id, Message.external_id == external_id))
+    if job_id is not None:
+        cond = or_(cond, Message.job_id == job_id)
+    # The job's row first, then the exact provider id: a retry finds what it wrote itself.
+    return select(*STORED_COLUMNS).where(cond).order_by(
+        case((Message.job_id == job_id, 0), else_=1) if job_id else literal(0),
+        case((Message.provider_id == provider_id, 0), else_=1)).limit(1)
+
+
+async def find_message(conn: AsyncConnection, inst: InstanceRef, provider_id: str, external_id: str,
+                        job_id: str | None = None) -> dict[str, Any] | None:
+    r = (await conn.execute(message_query(inst, provider_id, external_id, job_id))).first()
+    return dict(r._mapping) if r else None
+
+
+async def must_find(conn: AsyncConnection, inst: InstanceRef, provider_id: str,
+                     external_id: str) -> dict[str, Any]:
+    return dict((await conn.execute(message_query(inst, provider_id, external_id))).one()._mapping)
+
+
+async def default_provider_id(conn: AsyncConnection, inst: InstanceRef, external_id: str) -> str:
+    """UAZAPI's ``owner:messageid`` when the owner is known (what the fromMe echo will carry)."""
+    owner = (await conn.execute(select(Instance.owner).where(Instance.id == inst.id))).scalar()
+    return f"{owner}:{external_id}" if owner else external_id
+
+
+async def upsert_lead(conn: AsyncConnection, org: int, jid: str, phone: str | None, name: str | None,
+                       is_group: bool) -> int:
+    match = or_(Lead.remote_jid == jid, Lead.phone == phone) if phone else Lead.remote_jid == jid
+    # Prefer the exact chat; else the same phone under another JID (a LID) is the same person.
+    q = (select(Lead.id, Lead.name).where(Lead.organization_id == org, match)
+         .order_by(case((Lead.remote_jid == jid, 0), else_=1)).limit(1))
+    r = (await conn.execute(q)).first()
+    if r is None:
+        await conn.execute(insert_ignore(conn, Lead, {
+            "organization_id": org, "remote_jid": jid, "phone": phone, "name": name, "is_group": is_group,
+            "created_at": utcnow()}))
+        r = (await conn.execute(q)).one()
+    elif name and not r.name:
+        await conn.execute(update(Lead).where(Lead.id == r.id).values(name=name))
+    return int(r.id)
+
+
+async def upsert_conversation(conn: AsyncConnection, org: int, lead_id: int, instance_id: int) -> int:
+    q = select(Conversation.id).where(Conversation.lead_id == lead_id, Conversation.instance_id == instance_id)
+    found = (await conn.execute(q)).scalar()
+    if found is None:
+        await conn.execute(insert_ignore(conn, Conversation, {
+            "organization_id": org, "lead_id": lead_id, "instance_id": instance_id, "status": "open",
+            "unread_count": 0, "created_at": utcnow()}))
+        found = (await conn.execute(q)).scalar_one()
+    return int(found)
+
+
+async def open_ticket(conn: AsyncConnection, org: int, conversation_id: int) -> int:
+    """The original resolveTicket: the conversation's open ticket, or a new one."""
+    q = select(Ticket.id).where(Ticket.conversation_id == conversation_id, Ticket.status == "open")
+    found = (await conn.execute(q)).scalar()
+    if found is None:
+        await conn.execute(insert_ignore(conn, Ticket, {
+            "organization_id": org, "conversation_id": conversation_id, "status": "open", "opened_at": utcnow()}))
+        found = (await conn.execute(q)).scalar_one()
+    return int(found)
+
+
+async def apply_edit(conn: AsyncConnection, instance_id: int, target: str, text: str | None,
+                      at: datetime) -> None:
+    # Only a newer edit wins: edits can arrive out of order.
+    await conn.execute(update(Message).where(
+        Message.instance_id == instance_id, Message.external_id == target,
+        or_(Message.edited_at.is_(None), Message.edited_at < at)).values(content=text, edited_at=at))
+
+
+async def apply_earlier_edit(conn: AsyncConnection, instance_id: int, message_id: int,
+                              external_id: str) -> None:
+    """An edit that arrived before its message: apply the latest such edit to the message now stored."""
+    r = (await conn.execute(select(Message.content, Message.sent_at).where(
+        Message.instance_id == instance_id, Message.edit_of == external_id)
+        .order_by(Message.sent_at.desc()).limit(1))).first()
+    if r is not None:
+        await conn.execute(update(Message).where(Message.id == message_id)
+                           .values(content=r.content, edited_at=r.sent_at))
+
+
+async def touch_conversation(conn: AsyncConnection, conversation_id: int, at: datetime, *,
+                              inbound: bool) -> None:
+    last = case((or_(Conversation.last_message_at.is_(None), Conversation.last_message_at < at),
+                 literal(at, UTCDateTime())),
+                else_=Conversation.last_message_at)
+    values: dict[str, Any] = {"last_message_at": last}
+    if inbound:
+        values["unread_count"] = Conversation.unread_count + 1
+    await conn.execute(update(Conversation).where(Conversation.id == conversation_id).values(**values))
