@@ -394,7 +394,8 @@ def execute(phases: Sequence[str] = (), *, assignments: Sequence[str] = (), note
                 say(f"[{i + 1}/{len(chosen)}] {phase} {rec['status']}{where} ({rec['duration_s']:.1f} s)")
                 if rec["status"] != "passed":
                     err = rec["error"] or {}
-                    data["failure"] = (f"phase {phase} failed{where}: {err.get('ename')}: {err.get('evalue')}")
+                    evalue = " ".join(str(err.get("evalue")).split())[:300]  # one line, whatever the cell raised
+                    data["failure"] = f"phase {phase} failed{where}: {err.get('ename')}: {evalue}"
                     break
     except StackError as e:
         data["failure"] = f"devstack: {e}"
@@ -429,7 +430,9 @@ def rerender(run_dir: Path) -> Path:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    logging.getLogger("papermill").setLevel(logging.WARNING)  # one progress line per phase is ours
+    # One progress line per phase is ours; papermill's and nbconvert's chatter (alt text hints) is not.
+    logging.getLogger("papermill").setLevel(logging.WARNING)
+    logging.getLogger("traitlets").setLevel(logging.ERROR)
 
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

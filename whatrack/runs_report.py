@@ -93,7 +93,7 @@ def render_html(notebook: Path, html: Path) -> None:
     nb = nbformat.read(notebook, as_version=4)  # type: ignore[no-untyped-call]
     body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)  # type: ignore[no-untyped-call]
     html.write_text(body, encoding="utf-8")
-    log.info("rendered %s in %.1f s", html.name, time.monotonic() - t0)
+    log.debug("rendered %s in %.1f s", html.name, time.monotonic() - t0)
 
 
 def extract_figures(notebook: Path, out_dir: Path) -> list[Path]:
