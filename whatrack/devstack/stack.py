@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import fcntl
 import importlib.util
 import json
 import logging
@@ -182,28 +183,38 @@ class Stack:
         Raises:
             StackError: a part failed to start (names it, with its log's last lines); what did start is stopped.
         """
-        if self.is_up():
-            log.info("stack in %s is already running", self.dir)
-            return self.env()
-        if self.state_path.exists():
-            log.warning("stack in %s is partly down: stopping what is left before starting again", self.dir)
-            self.down()
         wanted = self._expand(parts)
+        with self._lock():  # two `up`s in one dir at once: the second waits, then finds the first's stack
+            if self.is_up():
+                log.info("stack in %s is already running", self.dir)
+                return self.env()
+            if self.state_path.exists():
+                log.warning("stack in %s is partly down: stopping what is left before starting again", self.dir)
+                self._down()
+            (self.dir / "logs").mkdir(exist_ok=True)
+            t0 = time.monotonic()
+            plan = _Plan()
+            try:
+                self._start_all(plan, wanted, time_scale)
+                self._write_state(plan)
+                self._wait(plan, timeout)
+            except BaseException:
+                self._write_state(plan)
+                self._down()
+                raise
+            self._write_env(plan.env)
+            log.info("stack up in %.1f s (%s)", time.monotonic() - t0, ", ".join(plan.parts))
+            return dict(plan.env)
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "logs").mkdir(exist_ok=True)
-        t0 = time.monotonic()
-        plan = _Plan()
-        try:
-            self._start_all(plan, wanted, time_scale)
-            self._write_state(plan)
-            self._wait(plan, timeout)
-        except BaseException:
-            self._write_state(plan)
-            self.down()
-            raise
-        self._write_env(plan.env)
-        log.info("stack up in %.1f s (%s)", time.monotonic() - t0, ", ".join(plan.parts))
-        return dict(plan.env)
+        with open(self.dir / ".lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     @staticmethod
     def _expand(parts: Iterable[str] | None) -> set[str]:
@@ -424,6 +435,12 @@ class Stack:
 
         Returns the names of the parts that were stopped.
         """
+        if not self.dir.is_dir():
+            return []
+        with self._lock():
+            return self._down()
+
+    def _down(self) -> list[str]:
         parts = self._state()
         stopped: list[str] = []
         for p in reversed(list(parts.values())):
