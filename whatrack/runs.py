@@ -52,6 +52,9 @@ ACCEPTANCE_PHASE = "90"
 #: Per-cell limit: a hung cell (a blocked Redis call) fails the run instead of hanging CI. The slowest cell (the load
 #: test) takes well under a minute offline.
 DEFAULT_CELL_TIMEOUT = 900
+#: The devstack broker's retry backoff scale for a run: QStash's real delays (12 s, 2.5 min, ...) times 0.2, so that a
+#: fault scenario's retries land within the run; what is proven (nothing lost) does not depend on the delays.
+DEFAULT_TIME_SCALE = 0.2
 
 
 # -- helpers for notebooks -----------------------------------------------------------------------------------------
@@ -182,9 +185,10 @@ def secret_pairs(settings: Settings) -> list[tuple[str | None, str]]:
 
 
 @contextlib.contextmanager
-def run_environment(base: Mapping[str, str], *, use_stack: bool, stack_dir: Path) -> Iterator[
-        tuple[dict[str, str], str]]:
-    """The environment the kernels get: ``base`` plus, offline, the devstack's settings (started here if needed).
+def run_environment(base: Mapping[str, str], *, use_stack: bool, stack_dir: Path,
+                    time_scale: float = 1.0) -> Iterator[tuple[dict[str, str], str]]:
+    """The environment the kernels get: ``base`` plus, offline, the devstack's settings (started here if needed,
+    with the broker's retry delays scaled by ``time_scale``).
 
     Yields:
         (environment, a sentence saying where the services came from).
@@ -209,7 +213,7 @@ def run_environment(base: Mapping[str, str], *, use_stack: bool, stack_dir: Path
         yield {**base, **st.env()}, f"reused the devstack already running in {stack_dir}"
         return
     log.info("starting the devstack in %s", stack_dir)
-    st.up()
+    st.up(time_scale=time_scale)
     try:
         yield {**base, **st.env()}, f"started in {stack_dir} for this run and stopped after it"
     finally:
@@ -341,7 +345,7 @@ def finish(run_dir: Path, data: dict[str, Any], secrets: Sequence[tuple[str | No
 def execute(phases: Sequence[str] = (), *, assignments: Sequence[str] = (), notebook_dir: Path | None = None,
             runs_dir: Path = Path("runs"), stack_dir: Path | None = None, use_stack: bool = True,
             cell_timeout: int | None = DEFAULT_CELL_TIMEOUT, environ: Mapping[str, str] | None = None,
-            progress: Callable[[str], None] | None = None) -> RunOutcome:
+            progress: Callable[[str], None] | None = None, time_scale: float = DEFAULT_TIME_SCALE) -> RunOutcome:
     """Run the chosen phase notebooks into a new run directory and report on them.
 
     Args:
@@ -351,6 +355,7 @@ def execute(phases: Sequence[str] = (), *, assignments: Sequence[str] = (), note
         runs_dir: parent of the run directory.
         stack_dir: the devstack's directory (default ``runs_dir/.stack``).
         use_stack: bring up (or reuse) the offline devstack in offline mode.
+        time_scale: the devstack broker's retry backoff scale when this run starts the stack.
         cell_timeout: seconds one cell may take.
         environ: the environment to start from (default: this process's).
         progress: called with one line per phase.
@@ -381,10 +386,11 @@ def execute(phases: Sequence[str] = (), *, assignments: Sequence[str] = (), note
                                        for s, p in chosen.items()]}
     secrets: list[tuple[str | None, str]] = secret_pairs(Settings.from_env(base))
     try:
-        with run_environment(base, use_stack=use_stack, stack_dir=stack_dir) as (env, how):
+        with run_environment(base, use_stack=use_stack, stack_dir=stack_dir, time_scale=time_scale) as (env, how):
             settings = Settings.from_env(env)
             secrets = secret_pairs(settings)
-            data["mode"], data["stack"] = settings.mode, {"how": how}
+            scale = time_scale if how.startswith("started") else None  # a reused stack keeps its own
+            data["mode"], data["stack"] = settings.mode, {"how": how, "time_scale": scale}
             km_class = _kernel_manager_class(env)
             for i, (phase, src) in enumerate(chosen.items()):
                 say(f"[{i + 1}/{len(chosen)}] {phase} ...")
@@ -440,7 +446,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         outcome = execute(args.phases, assignments=args.param, notebook_dir=args.notebooks,
                           runs_dir=args.runs_dir, stack_dir=args.stack_dir, use_stack=not args.no_stack,
-                          cell_timeout=args.cell_timeout, progress=progress)
+                          cell_timeout=args.cell_timeout, progress=progress, time_scale=args.time_scale)
     except RunError as e:
         print(f"whatrack run: {e}", file=sys.stderr)
         return 2
@@ -487,6 +493,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--stack-dir", type=Path, default=None, help="devstack directory (default runs/.stack)")
     p.add_argument("--no-stack", action="store_true", help="do not start the offline devstack; use the environment")
     p.add_argument("--cell-timeout", type=int, default=DEFAULT_CELL_TIMEOUT, help="seconds one cell may take")
+    p.add_argument("--time-scale", type=float, default=DEFAULT_TIME_SCALE,
+                   help="devstack broker retry delays x this, when the run starts the stack (1.0: QStash's own)")
     p.set_defaults(func=_cmd_run)
 
     r = sub.add_parser("report", help="re-render a run's index.html and run.json from its files")

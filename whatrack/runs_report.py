@@ -154,7 +154,8 @@ _INDEX = """<!doctype html>
 </style></head><body>
 <h1>whatrack run <code>{{ run.run_id }}</code> <span class="badge {{ run.status }}">{{ run.status | upper }}</span></h1>
 <p>Mode <b>{{ run.mode }}</b>; started {{ run.started }}, ended {{ run.ended }} ({{ '%.1f' % run.duration_s }} s).
-{% if run.stack %}Devstack: {{ run.stack.how }}.{% endif %}</p>
+{% if run.stack %}Devstack: {{ run.stack.how }}{% if run.stack.time_scale %} (broker retry delays
+x{{ run.stack.time_scale }}){% endif %}.{% endif %}</p>
 {% if run.failure %}<p class="failed">{{ run.failure }}</p>{% endif %}
 
 <h2>Phases</h2>
