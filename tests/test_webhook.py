@@ -276,4 +276,4 @@ async def test_database_stopped_mid_test_then_back(tmp_path: Path, redis_url: st
         assert (await store.counts())["message"] == 1
         await store.aclose()
     finally:
-        pg.stop()
+        pg.remove()

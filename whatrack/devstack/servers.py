@@ -125,8 +125,6 @@ class RedisServer:
                      "--tls-auth-clients", "no"]
         else:
             args += ["--port", str(self.port)]
-        if self.password:
-            args += ["--requirepass", self.password]
         args += self.extra
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
@@ -137,6 +135,14 @@ class RedisServer:
             logtail = (self.workdir / "redis.log").read_text(errors="replace")[-800:] \
                 if (self.workdir / "redis.log").exists() else ""
             raise StackError(f"redis-server did not start on port {self.port}: {logtail}") from None
+        if self.password:
+            # Set after start, not as --requirepass: a command line is visible to every local user in `ps`.
+            from whatrack.redis_tcp import connect_sync
+
+            plain = self.url.replace(f"default:{self.password}@", "")
+            ca = str(self.tls.ca) if self.tls else None
+            with connect_sync(plain, ca_bundle=ca) as c:
+                c.config_set("requirepass", self.password)
         log.info("redis-server %s on port %d (tls=%s)", self.binary, self.port, bool(self.tls))
         return self
 
@@ -229,6 +235,7 @@ class EmbeddedPostgres:
         sockdir = Path(tempfile.gettempdir()) / f"whatrack-pg-{uuid.uuid4().hex[:8]}"
         sockdir.mkdir(mode=0o777)
         sockdir.chmod(0o777)
+        self._sockdir = sockdir
         run([str(bin_ / "pg_ctl"), "-D", str(pgdata), "-w", "-t", "30", "-l", str(pgdata / "server.log"),
              "-o", f"-h 127.0.0.1 -p {self.port} -k {sockdir} -c max_connections=200 -c fsync=off", "start"])
         self._started = True
@@ -242,13 +249,20 @@ class EmbeddedPostgres:
         if self._started:
             with contextlib.suppress(StackError):
                 self._run([str(self._bin / "pg_ctl"), "-D", str(self._pgdata), "-w", "-m", "fast", "stop"])
+            shutil.rmtree(self._sockdir, ignore_errors=True)
             self._started = False
+
+    def remove(self) -> None:
+        """Stop, then delete the data directory (which may live outside ``workdir`` when running as root)."""
+        self.stop()
+        if getattr(self, "_pgdata", None) is not None:
+            shutil.rmtree(self._pgdata, ignore_errors=True)
 
     def __enter__(self) -> EmbeddedPostgres:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.remove()
 
 
 def create_database(admin_url: str, name: str) -> str:
