@@ -125,9 +125,16 @@ def app_from_env() -> Starlette:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from urllib.parse import urlsplit
+
     settings = Settings.from_env()
     build_handler(settings)  # fail fast, with the variable named, before uvicorn starts
-    uvicorn.run("whatrack.app:app_from_env", factory=True, host=args.host, port=args.port, workers=args.workers,
+    port = args.port
+    if port is None:  # offline, the stack reserved a loopback port for us in WEBHOOK_PUBLIC_URL
+        public = urlsplit(settings.webhook_public_url or "")
+        port = public.port if public.hostname in ("127.0.0.1", "localhost") and public.port else 8000
+    log.info("serving %s on %s:%d with %d worker(s)", WEBHOOK_PATH, args.host, port, args.workers)
+    uvicorn.run("whatrack.app:app_from_env", factory=True, host=args.host, port=port, workers=args.workers,
                 log_level="warning", access_log=False, timeout_graceful_shutdown=30)
     return 0
 
@@ -135,7 +142,8 @@ def _serve(args: argparse.Namespace) -> int:
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serve", help="run the webhook endpoint (uvicorn)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=None,
+                   help="default: the port of a loopback WEBHOOK_PUBLIC_URL (offline), else 8000")
     p.add_argument("--workers", type=int, default=1)
     p.set_defaults(func=_serve)
 
