@@ -219,24 +219,31 @@ class Store:
             existing = await steps.find_message(conn, inst, ev.provider_id, ev.external_id)
             if existing is not None:
                 return _stored(existing, created=False)
-            org = inst.organization_id
-            lead_id = await steps.upsert_lead(conn, org, ev.lead_jid, ev.lead_phone, rows.lead_name(ev), ev.is_group)
-            conv_id = await steps.upsert_conversation(conn, org, lead_id, inst.id)
-            ticket_id = await steps.open_ticket(conn, org, conv_id)
+            org, name = inst.organization_id, rows.lead_name(ev)
+            ctx = await steps.message_context(conn, org, inst.id, ev.lead_jid, ev.lead_phone, ev.external_id)
+            if ctx.lead_id is None:
+                lead_id = await steps.upsert_lead(conn, org, ev.lead_jid, ev.lead_phone, name, ev.is_group)
+            else:
+                lead_id = ctx.lead_id
+                if name and not ctx.lead_name:
+                    await conn.execute(update(Lead).where(Lead.id == lead_id).values(name=name))
+            conv_id = ctx.conversation_id or await steps.upsert_conversation(conn, org, lead_id, inst.id)
+            ticket_id = ctx.ticket_id or await steps.open_ticket(conn, org, conv_id)
             values = rows.message_values(ev) | {
                 "organization_id": org, "instance_id": inst.id, "lead_id": lead_id, "conversation_id": conv_id,
                 "ticket_id": ticket_id, "created_at": utcnow(),
                 "delivered_at": utcnow() if ev.direction == "inbound" else None}
-            new_id = await steps.insert_message(conn, values)
-            if new_id is None:  # a concurrent delivery of the same message won
+            if ctx.edited_at is not None and not rows.is_edit_or_reaction(ev):
+                # its edit came first: store the message as edited
+                values |= {"content": ctx.edit_content, "edited_at": ctx.edited_at}
+            row = await steps.insert_message(conn, values)
+            if row is None:  # a concurrent delivery of the same message won
                 return _stored(await steps.must_find(conn, inst, ev.provider_id, ev.external_id), created=False)
             if ev.edit_of:
                 await steps.apply_edit(conn, inst.id, ev.edit_of, ev.text, ev.sent_at)
-            elif not rows.is_edit_or_reaction(ev):
-                await steps.apply_earlier_edit(conn, inst.id, new_id, ev.external_id)
             if not rows.is_edit_or_reaction(ev):
                 await steps.touch_conversation(conn, conv_id, ev.sent_at, inbound=ev.direction == "inbound")
-            return _stored(await steps.must_find(conn, inst, ev.provider_id, ev.external_id), created=True)
+            return _stored(row, created=True)
 
         stored = await self._db.transaction("save_message", tx)
         log.debug("message %s %s in %.1f ms", ev.external_id, "stored" if stored.created else "already stored",
@@ -274,19 +281,19 @@ class Store:
                                                    f"{inst.organization_id}; the job can never be stored")
             conv_id = await steps.upsert_conversation(conn, inst.organization_id, lead_id, inst.id)
             ticket_id = await steps.open_ticket(conn, inst.organization_id, conv_id)
-            new_id = await steps.insert_message(conn, {
+            row = await steps.insert_message(conn, {
                 "organization_id": inst.organization_id, "instance_id": inst.id, "lead_id": lead_id,
                 "conversation_id": conv_id, "ticket_id": ticket_id, "provider_id": pid, "external_id": external_id,
                 "direction": "outbound", "sender_type": "USER", "type": "text", "raw_type": None, "content": text,
                 "sent_by_api": True, "status": "sent", "sent_at": sent_at, "job_id": job_id,
                 "created_at": utcnow()})
-            if new_id is None:
+            if row is None:
                 found = await steps.find_message(conn, inst, pid, external_id, job_id=job_id)
                 if found is None:
                     raise PayloadError("conflict", f"message {external_id} conflicts with a row that cannot be read")
                 return _stored(found, created=False)
             await steps.touch_conversation(conn, conv_id, sent_at, inbound=False)
-            return _stored(await steps.must_find(conn, inst, pid, external_id), created=True)
+            return _stored(row, created=True)
 
         return await self._db.transaction("save_outbound", tx)
 

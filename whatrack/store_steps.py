@@ -7,10 +7,11 @@ concurrent transaction that inserted the same row first is found, not duplicated
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Select, and_, case, literal, or_, select, update
+from sqlalchemy import ColumnElement, Select, and_, case, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -32,9 +33,46 @@ def insert_ignore(conn: AsyncConnection, model: type[Any], values: dict[str, Any
     return ins(model).values(**values).on_conflict_do_nothing()
 
 
-async def insert_message(conn: AsyncConnection, values: dict[str, Any]) -> int | None:
-    r = await conn.execute(insert_ignore(conn, Message, values).returning(Message.id))
-    return r.scalar()
+async def insert_message(conn: AsyncConnection, values: dict[str, Any]) -> dict[str, Any] | None:
+    """Insert a message; its STORED_COLUMNS, or None when a row with one of its unique keys exists already."""
+    r = (await conn.execute(insert_ignore(conn, Message, values).returning(*STORED_COLUMNS))).first()
+    return dict(r._mapping) if r else None
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a new message of a chat needs to know, read in one round trip (ids are None when not there yet)."""
+
+    lead_id: int | None
+    lead_name: str | None
+    conversation_id: int | None
+    ticket_id: int | None
+    edit_content: str | None  # the latest edit of this message that arrived before it
+    edited_at: datetime | None
+
+
+def _lead_match(jid: str, phone: str | None) -> ColumnElement[bool]:
+    # The exact chat; else the same phone under another JID (a LID) is the same person.
+    return or_(Lead.remote_jid == jid, Lead.phone == phone) if phone else Lead.remote_jid == jid
+
+
+async def message_context(conn: AsyncConnection, org: int, instance_id: int, jid: str, phone: str | None,
+                          external_id: str) -> Context:
+    """The chat's lead, its conversation on this instance, the open ticket, and an edit that came first."""
+    edit = (select(Message.content, Message.sent_at)
+            .where(Message.instance_id == instance_id, Message.edit_of == external_id)
+            .order_by(Message.sent_at.desc()).limit(1))
+    one = select(literal(1).label("one")).subquery()  # a one-row base, so the edit is read even without a lead
+    q = (select(Lead.id, Lead.name, Conversation.id, Ticket.id,
+                edit.with_only_columns(Message.content).scalar_subquery(),
+                edit.with_only_columns(Message.sent_at).scalar_subquery())
+         .select_from(one)
+         .outerjoin(Lead, and_(Lead.organization_id == org, _lead_match(jid, phone)))
+         .outerjoin(Conversation, and_(Conversation.lead_id == Lead.id, Conversation.instance_id == instance_id))
+         .outerjoin(Ticket, and_(Ticket.conversation_id == Conversation.id, Ticket.status == "open"))
+         .order_by(case((Lead.remote_jid == jid, 0), else_=1)).limit(1))
+    r = (await conn.execute(q)).one()
+    return Context(*r)
 
 
 def message_query(inst: InstanceRef, provider_id: str, external_id: str,
@@ -56,7 +94,7 @@ async def find_message(conn: AsyncConnection, inst: InstanceRef, provider_id: st
 
 
 async def must_find(conn: AsyncConnection, inst: InstanceRef, provider_id: str,
-                     external_id: str) -> dict[str, Any]:
+                    external_id: str) -> dict[str, Any]:
     return dict((await conn.execute(message_query(inst, provider_id, external_id))).one()._mapping)
 
 
@@ -67,10 +105,8 @@ async def default_provider_id(conn: AsyncConnection, inst: InstanceRef, external
 
 
 async def upsert_lead(conn: AsyncConnection, org: int, jid: str, phone: str | None, name: str | None,
-                       is_group: bool) -> int:
-    match = or_(Lead.remote_jid == jid, Lead.phone == phone) if phone else Lead.remote_jid == jid
-    # Prefer the exact chat; else the same phone under another JID (a LID) is the same person.
-    q = (select(Lead.id, Lead.name).where(Lead.organization_id == org, match)
+                      is_group: bool) -> int:
+    q = (select(Lead.id, Lead.name).where(Lead.organization_id == org, _lead_match(jid, phone))
          .order_by(case((Lead.remote_jid == jid, 0), else_=1)).limit(1))
     r = (await conn.execute(q)).first()
     if r is None:
@@ -106,26 +142,15 @@ async def open_ticket(conn: AsyncConnection, org: int, conversation_id: int) -> 
 
 
 async def apply_edit(conn: AsyncConnection, instance_id: int, target: str, text: str | None,
-                      at: datetime) -> None:
+                     at: datetime) -> None:
     # Only a newer edit wins: edits can arrive out of order.
     await conn.execute(update(Message).where(
         Message.instance_id == instance_id, Message.external_id == target,
         or_(Message.edited_at.is_(None), Message.edited_at < at)).values(content=text, edited_at=at))
 
 
-async def apply_earlier_edit(conn: AsyncConnection, instance_id: int, message_id: int,
-                              external_id: str) -> None:
-    """An edit that arrived before its message: apply the latest such edit to the message now stored."""
-    r = (await conn.execute(select(Message.content, Message.sent_at).where(
-        Message.instance_id == instance_id, Message.edit_of == external_id)
-        .order_by(Message.sent_at.desc()).limit(1))).first()
-    if r is not None:
-        await conn.execute(update(Message).where(Message.id == message_id)
-                           .values(content=r.content, edited_at=r.sent_at))
-
-
 async def touch_conversation(conn: AsyncConnection, conversation_id: int, at: datetime, *,
-                              inbound: bool) -> None:
+                             inbound: bool) -> None:
     last = case((or_(Conversation.last_message_at.is_(None), Conversation.last_message_at < at),
                  literal(at, UTCDateTime())),
                 else_=Conversation.last_message_at)
