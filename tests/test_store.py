@@ -389,6 +389,15 @@ async def test_bad_events_are_refused_before_any_write(store: Store, inst: Insta
     assert (await store.counts())["lead"] == 0
 
 
+async def test_text_postgres_cannot_hold_is_stored_replaced_not_refused(store: Store, inst: InstanceRef) -> None:
+    saved = await store.save_message(inst, message(text="a\x00b\ud800c", lead_name="Ma\x00ria"))
+    assert (await one_row(store, "message", id=saved.message_id))["content"] == "a\ufffdb\ufffdc"
+    assert (await one_row(store, "lead"))["name"] == "Ma\ufffdria"
+    with pytest.raises(PayloadError, match="bad_id"):
+        await store.save_message(inst, message("BAD\x00ID"))
+    assert (await store.counts())["message"] == 1
+
+
 async def test_a_failure_inside_the_transaction_leaves_no_rows(store: Store, inst: InstanceRef) -> None:
     # A trigger makes the message INSERT fail after the lead, conversation and ticket were written.
     async with store.engine.begin() as conn:

@@ -192,8 +192,10 @@ class Store:
     async def update_instance_status(self, inst: InstanceRef, ev: InstanceEvent) -> None:
         """Record a ``connection`` event: status, reason, when, and the owner number once it is known."""
         rows.check_length("status", ev.status)
-        values: dict[str, Any] = {"status": ev.status, "status_reason": ev.reason, "status_at": utcnow(),
-                                  "updated_at": utcnow()}
+        rows.check_id("status", ev.status)
+        now = utcnow()
+        values: dict[str, Any] = {"status": ev.status, "status_reason": rows.clean_text(ev.reason),
+                                  "status_at": now, "updated_at": now}
         if ev.source.owner:
             rows.check_length("owner", ev.source.owner)
             values["owner"] = ev.source.owner
@@ -240,7 +242,7 @@ class Store:
             if row is None:  # a concurrent delivery of the same message won
                 return _stored(await steps.must_find(conn, inst, ev.provider_id, ev.external_id), created=False)
             if ev.edit_of:
-                await steps.apply_edit(conn, inst.id, ev.edit_of, ev.text, ev.sent_at)
+                await steps.apply_edit(conn, inst.id, ev.edit_of, rows.clean_text(ev.text), ev.sent_at)
             if not rows.is_edit_or_reaction(ev):
                 await steps.touch_conversation(conn, conv_id, ev.sent_at, inbound=ev.direction == "inbound")
             return _stored(row, created=True)
@@ -266,6 +268,7 @@ class Store:
         rows.check_aware("sent_at", sent_at)
         for f, v in (("job_id", job_id), ("external_id", external_id), ("provider_id", provider_id)):
             rows.check_length(f, v)
+            rows.check_id(f, v)
 
         async def tx(conn: AsyncConnection) -> StoredMessage:
             pid = provider_id or await steps.default_provider_id(conn, inst, external_id)
@@ -284,7 +287,8 @@ class Store:
             row = await steps.insert_message(conn, {
                 "organization_id": inst.organization_id, "instance_id": inst.id, "lead_id": lead_id,
                 "conversation_id": conv_id, "ticket_id": ticket_id, "provider_id": pid, "external_id": external_id,
-                "direction": "outbound", "sender_type": "USER", "type": "text", "raw_type": None, "content": text,
+                "direction": "outbound", "sender_type": "USER", "type": "text", "raw_type": None,
+                "content": rows.clean_text(text),
                 "sent_by_api": True, "status": "sent", "sent_at": sent_at, "job_id": job_id,
                 "created_at": utcnow()})
             if row is None:

@@ -6,6 +6,7 @@ No I/O here: everything is a function of its arguments, tested without a databas
 from __future__ import annotations
 
 import hashlib
+import re
 from datetime import datetime
 from typing import Any
 
@@ -49,6 +50,25 @@ def check_aware(field: str, t: datetime) -> None:
         raise PayloadError("naive_datetime", f"{field} has no time zone; pass an aware datetime (UTC)")
 
 
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def clean_text(value: str | None) -> str | None:
+    """``value`` with what PostgreSQL cannot store (NUL, lone surrogates) replaced by U+FFFD; else unchanged.
+
+    A message is never refused for its text: it is stored with the replacement character instead.
+    """
+    if value is None or not _UNSTORABLE.search(value):
+        return value
+    return _UNSTORABLE.sub("\ufffd", value)
+
+
+def check_id(field: str, value: str | None) -> None:
+    """Ids must be storable as they are (a replaced character would break matching)."""
+    if value is not None and _UNSTORABLE.search(value):
+        raise PayloadError("bad_id", f"{field} contains a NUL or an unpaired surrogate; fix the sender")
+
+
 def check_message_event(ev: MessageEvent) -> None:
     """Validate a MessageEvent before anything is written.
 
@@ -68,6 +88,7 @@ def check_message_event(ev: MessageEvent) -> None:
     for f in ("provider_id", "external_id", "lead_jid", "lead_phone", "raw_type", "participant_phone", "edit_of",
               "reaction_to", "reply_to", "track_id"):
         check_length(f, getattr(ev, f))
+        check_id(f, getattr(ev, f))
     if ev.media:
         check_length("media_mime", ev.media.mime_type)
         check_length("media_sha256", ev.media.sha256)
@@ -87,20 +108,20 @@ def message_values(ev: MessageEvent) -> dict[str, Any]:
         "direction": ev.direction,
         "sender_type": ev.sender_type,  # outbound (fromMe) is USER: the lead is the chat, never the sender
         "type": ev.type,
-        "raw_type": ev.raw_type,
-        "content": ev.text,
+        "raw_type": clean_text(ev.raw_type),
+        "content": clean_text(ev.text),
         "participant_phone": ev.participant_phone,
-        "media_mime": m.mime_type if m else None,
+        "media_mime": clean_text(m.mime_type if m else None),
         "media_size": m.size_bytes if m else None,
         "media_duration": m.duration_seconds if m else None,
-        "media_file_name": m.file_name if m else None,
-        "media_sha256": m.sha256 if m else None,
-        "media_url": m.url if m else None,
+        "media_file_name": clean_text(m.file_name if m else None),
+        "media_sha256": clean_text(m.sha256 if m else None),
+        "media_url": clean_text(m.url if m else None),
         "media_voice": bool(m and m.voice),
         "latitude": loc.latitude if loc else None,
         "longitude": loc.longitude if loc else None,
-        "location_name": loc.name if loc else None,
-        "location_address": loc.address if loc else None,
+        "location_name": clean_text(loc.name if loc else None),
+        "location_address": clean_text(loc.address if loc else None),
         "edit_of": ev.edit_of,
         "reaction_to": ev.reaction_to,
         "reply_to": ev.reply_to,
@@ -114,7 +135,7 @@ def message_values(ev: MessageEvent) -> dict[str, Any]:
 
 def lead_name(ev: MessageEvent) -> str | None:
     name = ev.group_name if ev.is_group and ev.group_name else ev.lead_name
-    return name[:NAME_LIMIT] if name else None
+    return clean_text(name[:NAME_LIMIT]) if name else None
 
 
 def realtime_payload(row: dict[str, Any]) -> dict[str, Any]:
