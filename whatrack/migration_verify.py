@@ -18,7 +18,7 @@ from whatrack import redis_tcp
 from whatrack.migration_keys import (BULL_PREFIX, STATE_LISTS, STATE_ZSETS, delayed_due_ms, is_own_key,
                                      map_to_source, map_to_target, parse_bull_key, queue_key, url_db, with_db)
 from whatrack.migration_queues import find_queues, scan_batches, source_databases
-from whatrack.migration_digest import Digester
+from whatrack.migration_digest import Digester, Exists
 from whatrack.migration_values import CHUNK, digest, read_values
 from whatrack.settings import mask_url
 
@@ -98,10 +98,8 @@ def verify(source_url: str, target_url: str, *, ca_bundle: str | None = None, tt
             for db, pairs in by_db.items():
                 if db not in clients:
                     clients[db] = redis_tcp.connect_sync(with_db(source_url, db), ca_bundle=ca_bundle)
-                pipe = clients[db].pipeline(transaction=False)
-                for _k, sk in pairs:
-                    pipe.exists(sk)
-                for (k, _sk), there in zip(pairs, pipe.execute(), strict=True):
+                there_all = Exists(clients[db])([sk for _k, sk in pairs])
+                for (k, _sk), there in zip(pairs, there_all, strict=True):
                     if not there:
                         rep.flag("extra", k.decode(errors="replace"))
         if check_jobs:
