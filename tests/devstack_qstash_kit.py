@@ -54,9 +54,10 @@ def always(status: int = 200, headers: dict[str, str] | None = None, body: bytes
 class Receiver:
     """A recording endpoint. ``url(path)`` gives a delivery URL; ``hits`` the requests, in arrival order."""
 
-    def __init__(self, behaviour: Behaviour | None = None, hold: float = 0.0) -> None:
+    def __init__(self, behaviour: Behaviour | None = None, hold: float = 0.0,
+                 hold_for: Callable[[Hit], float] | None = None) -> None:
         self.behaviour = behaviour or always()
-        self.hold = hold  # seconds each request is held open (to observe concurrency)
+        self.hold_for = hold_for or (lambda hit: hold)  # seconds a request is held open before its answer
         self.active = 0
         self.max_active = 0
         self.hits: list[Hit] = []
@@ -78,10 +79,11 @@ class Receiver:
             n = sum(1 for h in self.hits if h.path == hit.path and
                     h.headers.get("upstash-message-id") == hit.headers.get("upstash-message-id"))
         status, headers, out = self.behaviour(hit, n)
-        if self.hold:
+        hold = self.hold_for(hit)
+        if hold:
             self.active += 1
             self.max_active = max(self.max_active, self.active)
-            await asyncio.sleep(self.hold)
+            await asyncio.sleep(hold)
             self.active -= 1
         return Response(out, status_code=status, headers=headers)
 

@@ -47,13 +47,16 @@ def test_a_sigkill_mid_stream_loses_no_message(redis_url: str, tmp_path: Path) -
         return status, {}, b"ok" if status == 200 else b"try again"
 
     log = tmp_path / "broker.log"
-    with Receiver(behave) as rcv:
+    def hold(hit: Hit) -> float:  # some first attempts are slow, so that deliveries are surely in flight at the kill
+        return 1.0 if json.loads(hit.body)["i"] % 50 == 7 and hit.headers["upstash-retried"] == "0" else 0.0
+
+    with Receiver(behave, hold_for=hold) as rcv:
         first = BrokerProcess(redis_url, log).start()
         client = QStash(first.token, base_url=first.url, retry=False)
         ids: dict[int, str] = {}
         try:
             publish(client, rcv, ids, range(N // 2))
-            wait_until(lambda: sum(ok.values()) >= 100, what="deliveries under way before the kill")
+            wait_until(lambda: sum(ok.values()) >= 100 and rcv.active > 0, what="deliveries in flight before the kill")
             first.kill()
             delivered_at_kill = sum(ok.values())
             second = BrokerProcess(redis_url, log, port=first.port).start()  # same URL: the client carries on

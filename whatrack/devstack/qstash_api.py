@@ -16,7 +16,6 @@ from starlette.responses import JSONResponse, Response
 from whatrack.devstack.qstash_durations import HeaderError
 from whatrack.devstack.qstash_model import Record, event, message_view, now_ms, parse_publish_headers
 from whatrack.devstack.qstash_publish import ApiError, publish
-from whatrack.devstack.qstash_store import pipe_event
 
 if TYPE_CHECKING:
     from whatrack.devstack.qstash_broker import Broker
@@ -117,14 +116,12 @@ async def cancel(b: Broker, mid: str) -> bool:
     if got is None or not await s.r.sismember(s.k("live"), mid):
         return False
     rec = got[0]
-    async with s.r.pipeline(transaction=True) as pipe:
-        pipe_event(pipe, s, event(rec, "CANCEL_REQUESTED", now_ms()))
-        pipe.zrem(s.k("due"), mid)
-        if rec.get("queueName"):
-            pipe.lrem(s.k("queue", rec["queueName"], "items"), 0, mid)
-        if rec.get("flowControlKey"):
-            pipe.zrem(s.k("fc", rec["flowControlKey"], "wait"), mid)
-        removed = await pipe.execute()
+    cmds: list[list[Any]] = [s.event_command(event(rec, "CANCEL_REQUESTED", now_ms())), ["ZREM", s.k("due"), mid]]
+    if rec.get("queueName"):
+        cmds.append(["LREM", s.k("queue", rec["queueName"], "items"), 0, mid])
+    if rec.get("flowControlKey"):
+        cmds.append(["ZREM", s.k("fc", rec["flowControlKey"], "wait"), mid])
+    removed = await s.group.run(cmds)
     if any(removed[1:]):
         await b.dispatcher.finish_canceled(rec)
     else:  # in flight: the attempt's outcome decides; a failure ends as CANCELED instead of a retry

@@ -14,11 +14,11 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
-from redis.asyncio.client import Pipeline
 
 from whatrack.devstack.qstash_durations import HeaderError, default_backoff_s, eval_retry_delay_ms, retry_after_s
 from whatrack.devstack.qstash_flow import FlowControl
@@ -33,12 +33,14 @@ from whatrack.devstack.qstash_model import (
 )
 from whatrack.devstack.qstash_publish import fire_due_schedules
 from whatrack.devstack.qstash_sign import sign
-from whatrack.devstack.qstash_store import FINISHED_GRACE_S, Store, pipe_event, pipe_message
+from whatrack.devstack.qstash_store import FINISHED_GRACE_S, Store
 
 log = logging.getLogger("whatrack.devstack.qstash_delivery")
 
 #: Concurrent delivery attempts: enough to keep a 2-core machine busy at > 1,000 deliveries/s with a fast endpoint.
 DEFAULT_CONCURRENCY = 128
+#: Connections per httpx pool (see Dispatcher.start).
+POOL_SHARD = 16
 #: Messages claimed per Redis round trip.
 CLAIM_BATCH = 256
 #: A lease outlives the attempt's own timeout by this much before another pass may take the message again.
@@ -82,7 +84,8 @@ class Dispatcher:
         self.cancel_requested: set[str] = set()
         self.dirty_queues: set[str] = set()
         self._dlq_seq = itertools.count()
-        self._client: httpx.AsyncClient | None = None
+        self._clients: list[httpx.AsyncClient] = []
+        self._turn: Iterator[httpx.AsyncClient] = iter(())
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._next_schedule: int | None = 0  # 0: look at the schedules on the first pass
@@ -95,8 +98,14 @@ class Dispatcher:
             log.info("recovered %d in-flight or wait-listed messages from an earlier run", moved)
         await self.flow.load()
         self.dirty_queues.update(m.decode() for m in await self.store.r.smembers(self.store.k("queues")))
-        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
-        self._client = httpx.AsyncClient(limits=limits, follow_redirects=False, trust_env=False)
+        # Several small pools rather than one big one: httpcore scans its whole pool for every request, so one pool of
+        # 128 connections costs more CPU per delivery than 8 pools of 16 used in turn.
+        shards = max(1, self.concurrency // POOL_SHARD)
+        per = -(-self.concurrency // shards)
+        limits = httpx.Limits(max_connections=per, max_keepalive_connections=per)
+        self._clients = [httpx.AsyncClient(limits=limits, follow_redirects=False, trust_env=False)
+                         for _ in range(shards)]
+        self._turn = itertools.cycle(self._clients)
         self._stopping = False
         self._task = asyncio.create_task(self._run(), name="qstash-dispatcher")
 
@@ -112,8 +121,8 @@ class Dispatcher:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._client is not None:
-            await self._client.aclose()
+        for c in self._clients:
+            await c.aclose()
 
     def poke(self, queue: str | None = None) -> None:
         if queue:
@@ -206,7 +215,6 @@ class Dispatcher:
             self.wake.set()
 
     async def _send(self, rec: Record, body: bytes) -> Attempt:
-        assert self._client is not None
         headers = {"User-Agent": "Upstash-QStash", "Upstash-Message-Id": rec["messageId"],
                    "Upstash-Retried": str(rec.get("retried", 0))}
         for name, values in (rec.get("header") or {}).items():
@@ -219,7 +227,7 @@ class Dispatcher:
                 headers[dst] = rec[src]
         headers["Upstash-Signature"] = sign(body, rec["url"], self.signing_key())
         try:
-            resp = await self._client.request(rec["method"], rec["url"], content=body, headers=headers,
+            resp = await next(self._turn).request(rec["method"], rec["url"], content=body, headers=headers,
                                               timeout=float(rec.get("timeout", 900)))
             return Attempt(resp.status_code, {k.lower(): v for k, v in resp.headers.items()},
                            resp.content[:MAX_RESPONSE_BODY])
@@ -239,43 +247,42 @@ class Dispatcher:
         return default_backoff_s(retried + 1) * 1000 * self.time_scale
 
     async def _record(self, rec: Record, body: bytes, result: Attempt, started: int) -> None:
+        """Write the attempt's outcome, its events and any callback message as one atomic group."""
         mid = rec["messageId"]
         t = now_ms()
+        st = self.store
         resp = response_fields(result.status, result.headers, result.body)
         canceled = mid in self.cancel_requested
         final_failure = not result.ok and (result.non_retryable or canceled
                                            or rec.get("retried", 0) >= rec["maxRetries"])
-        async with self.store.r.pipeline(transaction=True) as pipe:
-            pipe.zrem(self.store.k("lease"), mid)
-            pipe_event(pipe, self.store, event(rec, "ACTIVE", started))
-            if rec.get("callback"):
-                self._callback(pipe, rec, body, result, failure=False, dlq_id=None)
-            if result.ok:
-                pipe_event(pipe, self.store, event(rec, "DELIVERED", t, responseStatus=result.status))
-                self._finish(pipe, rec, body)
-            elif canceled:
-                pipe_event(pipe, self.store, event(rec, "CANCELED", t))
-                self._finish(pipe, rec, body)
+        cmds: list[list[Any]] = [["ZREM", st.k("lease"), mid], st.event_command(event(rec, "ACTIVE", started))]
+        if rec.get("callback"):
+            cmds += self._callback(rec, body, result, failure=False, dlq_id=None)
+        if result.ok:
+            cmds.append(st.event_command(event(rec, "DELIVERED", t, responseStatus=result.status)))
+            cmds += self._finish(rec)
+        elif canceled:
+            cmds.append(st.event_command(event(rec, "CANCELED", t)))
+            cmds += self._finish(rec)
+        else:
+            error = result.error or f"status {result.status}"
+            cmds.append(st.event_command(event(rec, "ERROR", t, error=error, **resp)))
+            if final_failure:
+                dlq_id = f"{t}-{next(self._dlq_seq)}"
+                cmds.append(st.event_command(event(rec, "FAILED", t, error=error, **resp)))
+                cmds.append(["HSET", st.k("dlq", dlq_id), "rec", json.dumps({**rec, **resp, "dlqId": dlq_id}),
+                             "body", body])
+                cmds.append(["ZADD", st.k("dlq"), t, dlq_id])
+                if rec.get("failureCallback"):
+                    cmds += self._callback(rec, body, result, failure=True, dlq_id=dlq_id)
+                cmds += self._finish(rec)
             else:
-                pipe_event(pipe, self.store, event(rec, "ERROR", t, error=result.error or f"status {result.status}",
-                                                   **resp))
-                if final_failure:
-                    dlq_id = f"{t}-{next(self._dlq_seq)}"
-                    pipe_event(pipe, self.store, event(rec, "FAILED", t, error=result.error, **resp))
-                    pipe.hset(self.store.k("dlq", dlq_id), mapping={
-                        "rec": json.dumps({**rec, **resp, "dlqId": dlq_id}), "body": body})
-                    pipe.zadd(self.store.k("dlq"), {dlq_id: t})
-                    if rec.get("failureCallback"):
-                        self._callback(pipe, rec, body, result, failure=True, dlq_id=dlq_id)
-                    self._finish(pipe, rec, body)
-                else:
-                    wait = self._retry_delay_ms(rec, result)
-                    due = int(t + wait)
-                    rec = {**rec, "retried": rec.get("retried", 0) + 1}
-                    pipe.hset(self.store.k("msg", mid), "rec", json.dumps(rec))
-                    pipe.zadd(self.store.k("due"), {mid: due})
-                    pipe_event(pipe, self.store, event(rec, "RETRY", t, nextDeliveryTime=due))
-            await pipe.execute()
+                due = int(t + self._retry_delay_ms(rec, result))
+                rec = {**rec, "retried": rec.get("retried", 0) + 1}
+                cmds.append(["HSET", st.k("msg", mid), "rec", json.dumps(rec)])
+                cmds.append(["ZADD", st.k("due"), due, mid])
+                cmds.append(st.event_command(event(rec, "RETRY", t, nextDeliveryTime=due)))
+        await st.group.run(cmds)
         if result.ok:
             self.delivered += 1
         if rec.get("queueName") and (result.ok or final_failure or canceled):
@@ -283,34 +290,31 @@ class Dispatcher:
         self.cancel_requested.discard(mid)
         log.debug("attempt %s of %s: %s", rec.get("retried", 0), mid, result.status or result.error)
 
-    def _finish(self, pipe: Pipeline, rec: Record, body: bytes) -> None:
+    def _finish(self, rec: Record) -> list[list[Any]]:
         """The writes that end a message: no longer live, readable for a grace period, its queue slot freed."""
         mid = rec["messageId"]
-        pipe.srem(self.store.k("live"), mid)
-        pipe.expire(self.store.k("msg", mid), FINISHED_GRACE_S)
+        cmds: list[list[Any]] = [["SREM", self.store.k("live"), mid],
+                                 ["EXPIRE", self.store.k("msg", mid), FINISHED_GRACE_S]]
         if rec.get("queueName"):
-            pipe.srem(self.store.k("queue", rec["queueName"], "active"), mid)
+            cmds.append(["SREM", self.store.k("queue", rec["queueName"], "active"), mid])
+        return cmds
 
-    def _callback(self, pipe: Pipeline, rec: Record, body: bytes, result: Attempt, *, failure: bool,
-                  dlq_id: str | None) -> None:
+    def _callback(self, rec: Record, body: bytes, result: Attempt, *, failure: bool,
+                  dlq_id: str | None) -> list[list[Any]]:
+        """The writes that accept a callback (or failure callback) message about this attempt."""
         url = rec["failureCallback" if failure else "callback"]
         payload = callback_body(rec, body, result.status, result.headers, result.body, dlq_id=dlq_id)
-        spec = callback_spec(rec, failure)
         t = now_ms()
-        cb = make_message(spec, url, caller_ip=rec.get("callerIP"), created=t,
+        cb = make_message(callback_spec(rec, failure), url, caller_ip=rec.get("callerIP"), created=t,
                           kind="failureCallback" if failure else "callback")
-        pipe_message(pipe, self.store, cb, payload)
-        pipe_event(pipe, self.store, event(cb, "CREATED", t))
         self.wake.set()
+        return [*self.store.message_commands(cb, payload), self.store.event_command(event(cb, "CREATED", t))]
 
     async def finish_canceled(self, rec: Record) -> None:
         """End a message that was canceled before (or instead of) its next attempt."""
         mid = rec["messageId"]
-        async with self.store.r.pipeline(transaction=True) as pipe:
-            pipe.zrem(self.store.k("lease"), mid)
-            pipe_event(pipe, self.store, event(rec, "CANCELED", now_ms()))
-            self._finish(pipe, rec, b"")
-            await pipe.execute()
+        await self.store.group.run([["ZREM", self.store.k("lease"), mid],
+                                    self.store.event_command(event(rec, "CANCELED", now_ms())), *self._finish(rec)])
         self.cancel_requested.discard(mid)
         if rec.get("queueName"):
             self.dirty_queues.add(rec["queueName"])

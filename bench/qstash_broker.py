@@ -1,0 +1,176 @@
+"""Publish → delivery messages per second through the offline QStash broker, against a bare baseline in the same run.
+
+Three processes on this machine: a Redis, a receiver (uvicorn, counts POSTs, answers 200), and the broker
+(``python -m whatrack.devstack.qstash_broker``, as ``whatrack stack up`` runs it). Two measurements, same N, same
+concurrency:
+
+- **bare**: this process POSTs N bodies straight to the receiver with one ``httpx.AsyncClient`` (what delivery costs
+  with no broker at all);
+- **broker**: this process publishes N messages to the receiver's URL with the official ``AsyncQStash`` client
+  (``--batch K`` uses ``batch`` requests of K messages instead), and the clock stops when the receiver has counted N
+  deliveries (each one persisted, signed, delivered and recorded by the broker).
+
+Prints both rates and the ratio broker/bare. Usage: ``python bench/qstash_broker.py [-n 5000] [-c 64] [--batch 0]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from whatrack.devstack import servers  # noqa: E402
+from whatrack.devstack.qstash_broker import DEV_TOKEN  # noqa: E402
+
+
+def serve_receiver(port: int) -> None:
+    """The receiver process: POST anywhere counts and answers 200; GET /count tells the count."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    count = 0
+
+    async def hit(request: Request) -> PlainTextResponse:
+        nonlocal count
+        await request.body()
+        count += 1
+        return PlainTextResponse("ok")
+
+    async def get_count(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(str(count))
+
+    app = Starlette(routes=[Route("/count", get_count), Route("/{p:path}", hit, methods=["POST"])])
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def wait_http(url: str, headers: dict[str, str] | None = None) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, headers=headers, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise SystemExit(f"{url} did not answer within 60 s")
+
+
+async def count(client: httpx.AsyncClient, base: str) -> int:
+    return int((await client.get(base + "/count")).text)
+
+
+async def bare(base: str, n: int, conc: int) -> float:
+    sem = asyncio.Semaphore(conc)
+    limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as c:
+        start_count = await count(c, base)
+
+        async def one(i: int) -> None:
+            async with sem:
+                r = await c.post(f"{base}/bare", content=b'{"i": %d}' % i, headers={"content-type": "application/json"})
+                r.raise_for_status()
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(n)))
+        elapsed = time.perf_counter() - t0
+        assert await count(c, base) - start_count == n
+    return n / elapsed
+
+
+async def through_broker(broker: str, base: str, n: int, conc: int, batch: int) -> tuple[float, float]:
+    from qstash import AsyncQStash
+
+    qs = AsyncQStash(DEV_TOKEN, base_url=broker)
+    sem = asyncio.Semaphore(conc)
+    async with httpx.AsyncClient(timeout=60) as c:
+        start_count = await count(c, base)
+
+        async def one(i: int) -> None:
+            async with sem:
+                await qs.message.publish_json(url=f"{base}/hook", body={"i": i})
+
+        async def many(first: int) -> None:
+            async with sem:
+                await qs.message.batch_json([{"url": f"{base}/hook", "body": {"i": i}}
+                                             for i in range(first, min(n, first + batch))])
+
+        t0 = time.perf_counter()
+        if batch:
+            await asyncio.gather(*(many(i) for i in range(0, n, batch)))
+        else:
+            await asyncio.gather(*(one(i) for i in range(n)))
+        published = time.perf_counter() - t0
+        while await count(c, base) - start_count < n:
+            await asyncio.sleep(0.02)
+        elapsed = time.perf_counter() - t0
+    await qs.http._client.aclose()
+    return n / published, n / elapsed
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("-n", type=int, default=5000, help="messages per measurement")
+    p.add_argument("-c", type=int, default=64, help="concurrent requests from this process")
+    p.add_argument("--batch", type=int, default=0, help="publish with batch requests of this many messages")
+    p.add_argument("--serve-receiver", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.serve_receiver:
+        serve_receiver(args.serve_receiver)
+        return 0
+    with tempfile.TemporaryDirectory() as tmp, servers.RedisServer(Path(tmp) / "redis") as redis_server:
+        rport, bport = servers.free_port(), servers.free_port()
+        receiver = spawn([__file__, "--serve-receiver", str(rport)])
+        env = {**os.environ, "QSTASH_TOKEN": DEV_TOKEN}
+        broker = spawn(["-m", "whatrack.devstack.qstash_broker", "--port", str(bport), "--redis-url",
+                        redis_server.url], env=env)
+        try:
+            base, burl = f"http://127.0.0.1:{rport}", f"http://127.0.0.1:{bport}"
+            wait_http(base + "/count")
+            wait_http(burl + "/v2/keys", {"Authorization": f"Bearer {DEV_TOKEN}"})
+            asyncio.run(bare(base, min(500, args.n), args.c))  # warm-up: connections, imports, caches
+            rcpu = psutil.Process(receiver.pid)
+            r0 = rcpu.cpu_times()
+            bare_rate = asyncio.run(bare(base, args.n, args.c))
+            r1 = rcpu.cpu_times()
+            bcpu = psutil.Process(broker.pid)
+            b0 = bcpu.cpu_times()
+            pub_rate, e2e_rate = asyncio.run(through_broker(burl, base, args.n, args.c, args.batch))
+            b1 = bcpu.cpu_times()
+        finally:
+            for proc in (broker, receiver):
+                proc.terminate()
+                proc.wait(30)
+    mode = f"batch of {args.batch}" if args.batch else "one publish per message"
+    print(f"N={args.n} concurrency={args.c} ({mode}), cores={os.cpu_count()}")
+    print(f"bare  httpx → receiver:                 {bare_rate:8.0f} msg/s")
+    print(f"broker publish accepted (persisted):    {pub_rate:8.0f} msg/s")
+    print(f"broker publish → delivered (end to end): {e2e_rate:8.0f} msg/s")
+    print(f"ratio end-to-end / bare:                {e2e_rate / bare_rate:8.2f}")
+    # CPU per message is steadier than rates on a shared machine: it does not depend on what else runs.
+    broker_ms = ((b1.user + b1.system) - (b0.user + b0.system)) * 1000 / args.n
+    receiver_ms = ((r1.user + r1.system) - (r0.user + r0.system)) * 1000 / args.n
+    print(f"CPU per message: broker {broker_ms:.2f} ms (publish + persist + sign + deliver + record), "
+          f"receiver {receiver_ms:.2f} ms (one request, for scale)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
