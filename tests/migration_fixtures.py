@@ -210,3 +210,12 @@ def clients(pair: Pair) -> Iterator[tuple[redis.Redis, redis.Redis]]:
     finally:
         s.close()
         t.close()
+
+
+def source_key_count(pair: Pair) -> int:
+    """Keys in the source's databases 0 and 3 (what a copy must carry)."""
+    n = 0
+    for db in (0, 3):
+        with redis.Redis.from_url(with_db(pair.source_url, db)) as c:
+            n += int(c.dbsize())
+    return n

@@ -6,10 +6,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import migration_fixtures
 import pytest
-from migration_fixtures import QUEUE, Pair, _mig_pair, clients, flush, make_jobs, make_other_keys  # noqa: F401
+from migration_fixtures import QUEUE, Pair, clients, flush, make_jobs, make_other_keys, source_key_count
 
 from whatrack.migration import copy, inventory, verify
+
+_mig_pair = migration_fixtures._mig_pair
 
 JOBS = 100_000
 
@@ -20,13 +23,14 @@ def test_100k_jobs_copy_and_verify_both_paths(_mig_pair: Pair, tmp_path: Path,
     pair = _mig_pair
     flush(pair)
     t = time.perf_counter()
-    made = make_jobs(pair.source_url, JOBS, realistic=600)
+    make_jobs(pair.source_url, JOBS, realistic=600)
     made_s = time.perf_counter() - t
     make_other_keys(pair.source_url)
     counts = inventory(pair.source_url).queues[QUEUE].counts
     assert sum(counts.values()) == JOBS
     for state in ("wait", "active", "delayed", "prioritized", "completed", "failed", "waiting-children"):
         assert counts[state] > 0, state
+    total = source_key_count(pair)
     timings = {"create 100k jobs": made_s}
     for mode in ("dump", "logical"):
         flush_target(pair)
@@ -40,7 +44,7 @@ def test_100k_jobs_copy_and_verify_both_paths(_mig_pair: Pair, tmp_path: Path,
         timings[f"verify after {mode}"] = time.perf_counter() - t
         assert v.ok, v.verdict
         assert v.counts == dict.fromkeys(v.counts, 0) and v.jobs == JOBS
-        assert v.source_keys == v.target_keys == rep.scanned
+        assert v.source_keys >= total and v.target_keys >= total  # SCAN may repeat a key, never skip one
     with capsys.disabled():
         print("\n" + ", ".join(f"{k} {s:.1f} s" for k, s in timings.items()))
 

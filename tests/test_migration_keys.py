@@ -1,7 +1,15 @@
 from __future__ import annotations
 
-from whatrack.migration_keys import (delayed_due_ms, is_upstash_host, key_prefix, map_to_source, map_to_target,
-                                     parse_bull_key, url_db, with_db)
+from whatrack.migration_keys import (
+    delayed_due_ms,
+    is_upstash_host,
+    key_prefix,
+    map_to_source,
+    map_to_target,
+    parse_bull_key,
+    url_db,
+    with_db,
+)
 
 
 def test_bull_keys_are_classified() -> None:

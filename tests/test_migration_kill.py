@@ -10,12 +10,15 @@ import sys
 import time
 from pathlib import Path
 
+import migration_fixtures
 import pytest
-from migration_fixtures import (QUEUE, Pair, _mig_pair, clients, make_jobs, make_other_keys,  # noqa: F401
-                                mig)
+from migration_fixtures import QUEUE, Pair, clients, make_jobs, make_other_keys
 
 from whatrack.migration import verify
 from whatrack.migration_keys import TMP_PREFIX
+
+_mig_pair = migration_fixtures._mig_pair
+mig = migration_fixtures.mig
 
 JOBS = 3000
 #: Small pages make many checkpoints, so "half-way" is a real place in the middle of the copy.

@@ -3,11 +3,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import migration_fixtures
 import pytest
-from migration_fixtures import SOURCE_PW, TARGET_PW, Pair, _mig_pair, mig  # noqa: F401
+from migration_fixtures import SOURCE_PW, TARGET_PW, Pair
 
 from whatrack.devstack import servers
 from whatrack.migration import probe
+
+_mig_pair = migration_fixtures._mig_pair
+mig = migration_fixtures.mig
 
 
 def _status(rep, check: str) -> str:  # type: ignore[no-untyped-def]

@@ -7,11 +7,15 @@ import asyncio
 import time
 from typing import Any
 
+import migration_fixtures
 from bullmq import Queue, Worker
-from migration_fixtures import QUEUE, Pair, _mig_pair, clients, mig  # noqa: F401
+from migration_fixtures import QUEUE, Pair, clients
 
 from whatrack import redis_tcp
 from whatrack.migration import copy, resume_queues, verify
+
+_mig_pair = migration_fixtures._mig_pair
+mig = migration_fixtures.mig
 
 WAITING = 40
 DELAYS_MS = (6000, 6500, 7000, 7500, 8000)

@@ -21,11 +21,18 @@ import redis
 
 from whatrack import redis_tcp
 from whatrack.errors import MigrationError
-from whatrack.migration_keys import (BULL_PREFIX, CUTOVER_KEY, TMP_PREFIX, is_own_key, map_to_target, queue_key,
-                                     url_db, with_db)
+from whatrack.migration_keys import (
+    BULL_PREFIX,
+    CUTOVER_KEY,
+    TMP_PREFIX,
+    is_own_key,
+    map_to_target,
+    queue_key,
+    url_db,
+    with_db,
+)
 from whatrack.migration_probe import probe
-from whatrack.migration_queues import (find_queues, pause_queues, scan_batches, source_databases,
-                                       wait_for_active)
+from whatrack.migration_queues import find_queues, pause_queues, scan_batches, source_databases, wait_for_active
 from whatrack.migration_values import read_types, read_values, write_value
 from whatrack.settings import mask_url
 
@@ -271,9 +278,13 @@ def copy(source_url: str, target_url: str, *, mode: Mode = "auto", checkpoint_pa
 
 def _mark_cutover(dst: redis.Redis, src: redis.Redis, queues: list[str], ck: Checkpoint, prefix: str) -> None:
     """Record the cutover on the target: when, from where, and each queue's id counter (rollback reads it)."""
-    ids = {q: (src.get(queue_key(q, "id", prefix)) or b"0").decode() for q in queues}
+    ids = {q: _text(src.get(queue_key(q, "id", prefix)) or b"0") for q in queues}
     dst.hset(CUTOVER_KEY, mapping={"at_ms": ck.cutover_ms, "source": ck.source, "mode": ck.mode,
                                    "queue_ids": json.dumps(ids)})
+
+
+def _text(x: Any) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
 
 
 def _bar(total: int, initial: int, progress: bool) -> Any:

@@ -97,6 +97,7 @@ def inventory(url: str, *, ca_bundle: str | None = None, batch: int = 1000, pref
 def _queue(c: redis.Redis, q: str, prefix: str) -> QueueInventory:
     paused = c.hget(queue_key(q, "meta", prefix), "paused") is not None
     last = int(c.get(queue_key(q, "id", prefix)) or 0)
-    sched = {m.decode(): int(s) for m, s in c.zrange(queue_key(q, "repeat", prefix), 0, -1, withscores=True)}
+    rows: Any = c.zrange(queue_key(q, "repeat", prefix), 0, -1, withscores=True)
+    sched = {m.decode(): int(s) for m, s in rows}
     counts = state_counts(c, q, prefix)
     return QueueInventory(name=q, counts=counts, paused=paused, last_id=last, schedulers=sched)

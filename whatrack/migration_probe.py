@@ -141,7 +141,7 @@ def _cert_expiry(rep: ProbeReport, parts: Any, ca_bundle: str | None) -> str:
         ctx = ssl.create_default_context(cafile=ca_bundle)
         with socket.create_connection((parts.hostname, parts.port or 6379), timeout=5) as raw, \
                 ctx.wrap_socket(raw, server_hostname=parts.hostname) as tls:
-            cert = tls.getpeercert()
+            cert = tls.getpeercert() or {}
         not_after = datetime.fromtimestamp(ssl.cert_time_to_seconds(str(cert["notAfter"])), UTC)
     except (OSError, ValueError, KeyError):
         return ""
@@ -184,7 +184,7 @@ def _eviction(rep: ProbeReport, client: redis.Redis) -> None:
     policy: str | None = None
     how = "CONFIG GET"
     try:
-        got = client.config_get("maxmemory-policy")
+        got: Any = client.config_get("maxmemory-policy")
         policy = str(got.get("maxmemory-policy") or got.get(b"maxmemory-policy") or "") or None
     except redis.ResponseError as e:
         rep.add("config", "unknown", f"CONFIG GET refused ({e}), as managed services do: settings only CONFIG "
@@ -209,7 +209,7 @@ def _dump(rep: ProbeReport, client: redis.Redis, source_url: str | None, ca_bund
     src = redis_tcp.connect_sync(source_url, ca_bundle=ca_bundle, socket_timeout=10) if source_url else client
     try:
         src.set(name, b"whatrack probe", px=60_000)  # expires by itself if the probe dies before DEL
-        payload = src.dump(name)
+        payload: Any = src.dump(name)
         src.delete(name)
     except redis.RedisError as e:
         rep.add("dump", "unknown" if _refused(e) else "warn", f"DUMP on the source failed ({e}): logical copy")

@@ -118,7 +118,7 @@ def scan_batches(client: redis.Redis, cursor: int, batch: int, match: bytes | No
     """SCAN from ``cursor``, yielding (next cursor, keys) pages: never more than one page of keys in memory."""
     while True:
         cursor, keys = client.scan(cursor=cursor, match=match, count=batch)
-        yield int(cursor), list(keys)
+        yield int(cursor), [k if isinstance(k, bytes) else k.encode() for k in keys]
         if int(cursor) == 0:
             return
 

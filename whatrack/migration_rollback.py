@@ -28,8 +28,17 @@ import redis
 from whatrack import redis_tcp
 from whatrack.errors import MigrationError
 from whatrack.migration_copy import Mode, copy_batch
-from whatrack.migration_keys import (BULL_PREFIX, CUTOVER_KEY, is_own_key, map_to_source, map_to_target,
-                                     parse_bull_key, queue_key, url_db, with_db)
+from whatrack.migration_keys import (
+    BULL_PREFIX,
+    CUTOVER_KEY,
+    is_own_key,
+    map_to_source,
+    map_to_target,
+    parse_bull_key,
+    queue_key,
+    url_db,
+    with_db,
+)
 from whatrack.migration_probe import probe
 from whatrack.migration_queues import find_queues, pause_queues, scan_batches, source_databases, wait_for_active
 from whatrack.migration_values import digest, read_values

@@ -63,10 +63,10 @@ def read_types(client: redis.Redis, keys: Sequence[bytes]) -> list[tuple[str, in
     raw = pipe.execute()
     types = [_text(raw[2 * i]) for i in range(len(keys))]
     pttls = [int(raw[2 * i + 1]) for i in range(len(keys))]
-    pipe = client.pipeline(transaction=False)
+    lpipe: Any = client.pipeline(transaction=False)
     for k, t in zip(keys, types, strict=True):
-        pipe.execute_command(_LEN_CMD.get(t, "EXISTS"), k)
-    lens = [int(x) for x in pipe.execute()] if keys else []
+        lpipe.execute_command(_LEN_CMD.get(t, "EXISTS"), k)
+    lens = [int(x) for x in lpipe.execute()] if keys else []
     return list(zip(types, pttls, lens, strict=True))
 
 
@@ -137,19 +137,19 @@ def _stream(entries: Any, info: Any, groups: Any) -> StreamValue:
 
 def _read_big(client: redis.Redis, key: bytes, t: str) -> KeyValue | None:
     if t == "list":
-        items: list[bytes] = []
+        items: list[Any] = []
         start = 0
         while True:
-            part = client.lrange(key, start, start + CHUNK - 1)
+            part: Any = client.lrange(key, start, start + CHUNK - 1)
             items.extend(part)
             if len(part) < CHUNK:
                 return KeyValue(t, items)
             start += CHUNK
     if t == "zset":
-        pairs: list[tuple[bytes, bytes]] = []
+        pairs: list[Any] = []
         start = 0
         while True:
-            zpart = client.zrange(key, start, start + CHUNK - 1, withscores=True, score_cast_func=_raw)
+            zpart: Any = client.zrange(key, start, start + CHUNK - 1, withscores=True, score_cast_func=_raw)
             pairs.extend(zpart)
             if len(zpart) < CHUNK:
                 return KeyValue(t, pairs)
@@ -163,11 +163,11 @@ def _read_big(client: redis.Redis, key: bytes, t: str) -> KeyValue | None:
         ents: list[Any] = []
         lo: bytes | str = "-"
         while True:
-            part = client.xrange(key, lo, "+", count=CHUNK)
-            ents.extend(part)
-            if len(part) < CHUNK:
+            xpart: Any = client.xrange(key, lo, "+", count=CHUNK)
+            ents.extend(xpart)
+            if len(xpart) < CHUNK:
                 break
-            lo = b"(" + part[-1][0]
+            lo = b"(" + xpart[-1][0]
         return KeyValue(t, _stream(ents, client.xinfo_stream(key), client.xinfo_groups(key)))
     return None
 
@@ -253,7 +253,7 @@ def _size(kv: KeyValue) -> int:
     if kv.type == "string":
         return 0
     if kv.type == "stream":
-        return int(len(kv.value.entries))
+        return len(kv.value.entries)
     return len(kv.value)
 
 

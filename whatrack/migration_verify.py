@@ -11,14 +11,26 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis
 
 from whatrack import redis_tcp
-from whatrack.migration_keys import (BULL_PREFIX, STATE_LISTS, STATE_ZSETS, delayed_due_ms, is_own_key,
-                                     map_to_source, map_to_target, parse_bull_key, queue_key, url_db, with_db)
-from whatrack.migration_queues import find_queues, scan_batches, source_databases
 from whatrack.migration_digest import Digester, Exists
+from whatrack.migration_keys import (
+    BULL_PREFIX,
+    STATE_LISTS,
+    STATE_ZSETS,
+    delayed_due_ms,
+    is_own_key,
+    map_to_source,
+    map_to_target,
+    parse_bull_key,
+    queue_key,
+    url_db,
+    with_db,
+)
+from whatrack.migration_queues import find_queues, scan_batches, source_databases
 from whatrack.migration_values import CHUNK, digest, read_values
 from whatrack.settings import mask_url
 
@@ -143,8 +155,9 @@ def _compare(rep: VerifyReport, src: redis.Redis, dst: redis.Redis, skeys: list[
 
 def _explain_job(rep: VerifyReport, src: redis.Redis, dst: redis.Redis, sk: bytes, tk: bytes, job: str) -> None:
     """A job hash differs: say whether its attempts made or its payload did (other fields: the value count)."""
-    satm, sdata = src.hmget(sk, [b"atm", b"data"])
-    tatm, tdata = dst.hmget(tk, [b"atm", b"data"])
+    s_reply: Any = src.hmget(sk, [b"atm", b"data"])
+    t_reply: Any = dst.hmget(tk, [b"atm", b"data"])
+    (satm, sdata), (tatm, tdata) = s_reply, t_reply
     if satm != tatm:
         rep.flag("job", f"{job}: attemptsMade {_n(satm)} -> {_n(tatm)}")
     if _h(sdata) != _h(tdata):
@@ -154,22 +167,24 @@ def _explain_job(rep: VerifyReport, src: redis.Redis, dst: redis.Redis, sk: byte
 def _job_states(c: redis.Redis, q: str, prefix: str) -> dict[str, tuple[str, int | None]]:
     """job id -> (state, due ms for delayed jobs), read from the state structures in chunks."""
     out: dict[str, tuple[str, int | None]] = {}
-    for s in STATE_LISTS:
-        for ids in _chunks(lambda a, b, k=queue_key(q, s, prefix): c.lrange(k, a, b)):
-            for i in ids:
-                out[i.decode()] = (s, None)
-    for s in STATE_ZSETS:
+    for s in (*STATE_LISTS, *STATE_ZSETS):
         key = queue_key(q, s, prefix)
-        for pairs in _chunks(lambda a, b, k=key: c.zrange(k, a, b, withscores=True)):
-            for m, score in pairs:
-                out[m.decode()] = (s, delayed_due_ms(score) if s == "delayed" else None)
+        for part in _chunks(c, key, s in STATE_ZSETS):
+            for item in part:
+                if s in STATE_ZSETS:
+                    m, score = item
+                    out[m.decode()] = (s, delayed_due_ms(score) if s == "delayed" else None)
+                else:
+                    out[item.decode()] = (s, None)
     return out
 
 
-def _chunks(fetch: object, size: int = 5000) -> Iterator[list[object]]:
+def _chunks(c: redis.Redis, key: bytes, zset: bool, size: int = 5000) -> Iterator[list[Any]]:
+    """A list's or a zset's (with scores) members, ``size`` at a time."""
     start = 0
     while True:
-        part = fetch(start, start + size - 1)  # type: ignore[operator]
+        part: Any = (c.zrange(key, start, start + size - 1, withscores=True) if zset
+                     else c.lrange(key, start, start + size - 1))
         yield part
         if len(part) < size:
             return
