@@ -19,7 +19,7 @@ Before a run is declared done every file it wrote is scanned (:mod:`whatrack.run
 secret setting of the environment the run used (the devstack's generated secrets included) and for token-shaped
 strings; a hit fails the run, names the file and notebook cell, and the hit is redacted from the file.
 
-Notebooks call :func:`record` at the end of each phase, :func:`check` / :func:`criterion` to build verdict rows, and
+Notebooks call :func:`record` (from :mod:`whatrack.runs_record`) at the end of each phase, :func:`check` / :func:`criterion` to build verdict rows, and
 the acceptance notebook :func:`load_results` to read the other phases' results.
 """
 
@@ -41,13 +41,14 @@ from typing import Any
 
 from whatrack import runs_params, runs_report, runs_scan
 from whatrack.errors import RunError, StackError
+from whatrack.runs_record import PHASE_MARKER, RESULTS_FILE, check, criterion, load_results, phase_dir, record
 from whatrack.settings import SECRET_ENV_NAMES, Settings, url_password
+
+__all__ = ["PHASE_MARKER", "RESULTS_FILE", "RunOutcome", "add_commands", "check", "choose", "criterion", "discover",
+           "execute", "load_results", "phase_dir", "record", "rerender", "run_environment", "secret_pairs"]
 
 log = logging.getLogger("whatrack.runs")
 
-#: File the runner leaves in each phase directory, so that :func:`record` in the kernel knows where it runs.
-PHASE_MARKER = ".whatrack-phase.json"
-RESULTS_FILE = "results.json"
 ACCEPTANCE_PHASE = "90"
 #: Per-cell limit: a hung cell (a blocked Redis call) fails the run instead of hanging CI. The slowest cell (the load
 #: test) takes well under a minute offline.
@@ -55,79 +56,6 @@ DEFAULT_CELL_TIMEOUT = 900
 #: The devstack broker's retry backoff scale for a run: QStash's real delays (12 s, 2.5 min, ...) times 0.2, so that a
 #: fault scenario's retries land within the run; what is proven (nothing lost) does not depend on the delays.
 DEFAULT_TIME_SCALE = 0.2
-
-
-# -- helpers for notebooks -----------------------------------------------------------------------------------------
-
-
-def _jsonable(v: Any) -> Any:
-    if hasattr(v, "to_dict") and hasattr(v, "columns"):  # a pandas DataFrame
-        return json.loads(v.to_json(orient="records", date_format="iso"))
-    if hasattr(v, "to_dict") and callable(v.to_dict):
-        return v.to_dict()
-    if dataclasses.is_dataclass(v) and not isinstance(v, type):
-        return dataclasses.asdict(v)
-    if hasattr(v, "item"):  # numpy scalars
-        return v.item()
-    if isinstance(v, (set, frozenset, tuple)):
-        return list(v)
-    return str(v)
-
-
-def _lab_root() -> Path:
-    cwd = Path.cwd()
-    base = cwd.parent if cwd.name == "notebooks" else cwd
-    return base / "runs" / "lab"
-
-
-def phase_dir() -> Path | None:
-    """The phase directory when called inside a ``whatrack run`` kernel, else None (an interactive session)."""
-    return Path.cwd() if (Path.cwd() / PHASE_MARKER).is_file() else None
-
-
-def check(name: str, passed: object, evidence: object) -> dict[str, Any]:
-    """One verdict row for a phase's ``results["checks"]``: what was checked, whether it held, and the evidence."""
-    return {"name": name, "passed": bool(passed), "evidence": str(evidence)}
-
-
-def criterion(criterion: str, passed: object, evidence: object) -> dict[str, Any]:
-    """One row of the acceptance table (``results["criteria"]`` of phase 90); ``passed=None``: no evidence."""
-    verdict = "no evidence" if passed is None else "pass" if passed else "fail"
-    return {"criterion": criterion, "verdict": verdict, "evidence": str(evidence)}
-
-
-def record(phase: str, results: Mapping[str, Any]) -> Path:
-    """Write a phase's results as ``results.json`` beside the executed notebook (``runs/lab/<phase>/`` outside a run).
-
-    ``results`` is any JSON-able mapping (DataFrames become lists of records). By convention it holds ``checks``
-    (rows from :func:`check`) and, for phase 90, ``criteria`` (rows from :func:`criterion`); ``passed`` is set from the
-    checks unless given.
-
-    Returns:
-        The path written.
-    """
-    where = phase_dir() or _lab_root() / phase
-    where.mkdir(parents=True, exist_ok=True)
-    payload: dict[str, Any] = {"phase": phase, "recorded": _now(), **results}
-    # A criterion without evidence does not fail the phase by itself: the acceptance notebook's assert decides.
-    rows = list(payload.get("checks", [])) + [
-        {"passed": c.get("verdict") != "fail"} for c in payload.get("criteria", [])]
-    payload.setdefault("passed", all(bool(r.get("passed")) for r in rows))
-    path = where / RESULTS_FILE
-    path.write_text(json.dumps(payload, indent=2, default=_jsonable) + "\n", encoding="utf-8")
-    log.info("recorded %s results in %s", phase, path)
-    return path
-
-
-def load_results(run_dir: Path | None = None) -> dict[str, dict[str, Any]]:
-    """Every phase's recorded results in a run (default: the current run, or ``runs/lab`` outside one): phase → dict."""
-    if run_dir is None:
-        here = phase_dir()
-        run_dir = here.parent if here else _lab_root()
-    out: dict[str, dict[str, Any]] = {}
-    for p in sorted(run_dir.glob(f"*/{RESULTS_FILE}")):
-        out[p.parent.name] = json.loads(p.read_text(encoding="utf-8"))
-    return out
 
 
 # -- choosing notebooks --------------------------------------------------------------------------------------------
