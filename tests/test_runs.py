@@ -220,15 +220,17 @@ def test_a_secret_printed_by_a_notebook_fails_the_run_without_showing_it(tmp_pat
 
 def test_scan_finds_values_quoted_values_and_token_shapes(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("password=p%40ss%2Fword99 in a URL")
+    (tmp_path / "d.html").write_text("<pre>k&lt;e&quot;y-9876543</pre>")
     (tmp_path / "b.log").write_text("Authorization: Bearer abcdefghijklmnop1234")
     (tmp_path / "c.txt").write_text("sig_7kYqQ3vR8nK2mP9wX4tL6 and nothing else")
     (tmp_path / "clean.txt").write_text("nothing to see; short=abc; eyJnot.a.jwt")
     (tmp_path / "stack").mkdir()
     (tmp_path / "stack" / "env").write_text("QSTASH_TOKEN=p@ss/word99")
-    secrets = [("UPSTASH_REDIS_URL password", "p@ss/word99"), ("X", "abc")]
+    secrets = [("UPSTASH_REDIS_URL password", "p@ss/word99"), ("X", "abc"), ("CENTRIFUGO_API_KEY", 'k<e"y-9876543')]
     found = runs_scan.scan_dir(tmp_path, secrets, exclude=[tmp_path / "stack"])
     assert sorted((f.file, f.kind) for f in found) == [
-        ("a.txt", "secret value"), ("b.log", "Bearer credential"), ("c.txt", "QStash signing key (sig_...)")]
+        ("a.txt", "secret value"), ("b.log", "Bearer credential"), ("c.txt", "QStash signing key (sig_...)"),
+        ("d.html", "secret value")]
     assert all("p@ss" not in f.describe() and "sig_7k" not in f.describe() for f in found)
     runs_scan.redact(tmp_path, found, secrets)
     assert runs_scan.scan_dir(tmp_path, secrets, exclude=[tmp_path / "stack"]) == []

@@ -1,13 +1,15 @@
 """The secrets scan: no file a run wrote may hold a secret value or a token-shaped string.
 
-Every file under a run directory is read as bytes and searched for each secret value (as given, and URL-quoted, as it
-would appear in a URL) and for token shapes: JWTs (``eyJ...``, QStash signatures), QStash signing keys (``sig_...``)
-and ``Bearer`` credentials. A finding names the file, the notebook cell for ``.ipynb`` files, and the kind of match,
-never the matched text. :func:`redact` then removes what was found, so that a failed run leaves no secret on disk.
+Every file under a run directory is read as bytes and searched for each secret value (as given, URL-quoted as in a
+URL, HTML- and JSON-escaped as in a report or a notebook file) and for token shapes: JWTs (``eyJ...``, QStash
+signatures), QStash signing keys (``sig_...``) and ``Bearer`` credentials. A finding names the file, the notebook cell
+for ``.ipynb`` files, and the kind of match, never the matched text. :func:`redact` then removes what was found, so
+that a failed run leaves no secret on disk.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import re
@@ -62,7 +64,8 @@ def _needles(secrets: Iterable[tuple[str | None, str]]) -> list[tuple[str | None
     for name, value in secrets:
         if not value or len(value) < MIN_SECRET_LEN:
             continue
-        for form in {value, quote(value, safe="")}:
+        # As written, URL-quoted (in a URL), HTML-escaped (rendered reports), JSON-escaped (notebook files).
+        for form in {value, quote(value, safe=""), html.escape(value), json.dumps(value)[1:-1]}:
             out.setdefault(form.encode(), name)
     # Longest first, so that a secret containing another is reported (and redacted) whole.
     return sorted(((n, b) for b, n in out.items()), key=lambda t: len(t[1]), reverse=True)
