@@ -42,7 +42,8 @@ FIXTURE = "messages_inbound_text.json"
 
 
 @pytest.fixture(scope="module")
-def stack_env(tmp_path_factory: pytest.TempPathFactory, pg_admin_url: str, fixtures_dir: Path) -> Iterator[dict[str, str]]:
+def stack_env(tmp_path_factory: pytest.TempPathFactory, pg_admin_url: str,
+              fixtures_dir: Path) -> Iterator[dict[str, str]]:
     """One devstack for the module, on a fresh database (behind the stack's PostgreSQL fault proxy)."""
     name = f"whatrack_alerts_{uuid.uuid4().hex[:10]}"
     db = servers.create_database(pg_admin_url, name)
