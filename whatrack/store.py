@@ -95,6 +95,11 @@ class Store:
         """The underlying engine, for read-only inspection (tests, evidence); write through the methods."""
         return self._db.engine
 
+    @property
+    def url(self) -> str:
+        """The database URL with its password masked (safe to log and show)."""
+        return self._db.safe_url
+
     def __repr__(self) -> str:
         return f"Store({self._db.safe_url!r})"
 

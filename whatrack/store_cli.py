@@ -93,7 +93,7 @@ def _instances_list(args: argparse.Namespace) -> int:
 def _db_upgrade(args: argparse.Namespace) -> int:
     async def run(store: Store) -> int:
         await store.upgrade()
-        print(f"database {store!r} is at revision {await store.revision()}")
+        print(f"database {store.url} is at revision {await store.revision()}")
         return 0
 
     return _with_store(run)

@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from whatrack.errors import StoreError
-from whatrack.settings import Settings, mask_url
+from whatrack.settings import MASK, Settings
 
 log = logging.getLogger("whatrack.store_engine")
 
@@ -119,7 +119,8 @@ class Database:
     def __init__(self, url: str, *, pool_size: int = 10, statement_timeout_ms: int | None = None) -> None:
         self.engine = make_engine(url, pool_size=pool_size, statement_timeout_ms=statement_timeout_ms)
         self.dialect = self.engine.dialect.name
-        self.safe_url = mask_url(self.engine.url.render_as_string(hide_password=False)) or ""
+        # SQLAlchemy hides the password as "***"; show whatrack's one mask instead.
+        self.safe_url = self.engine.url.render_as_string(hide_password=True).replace(":***@", f":{MASK}@", 1)
         # SQLite has one writer at a time: queue this process's transactions here rather than in the busy handler.
         self._lock = asyncio.Lock() if self.dialect == "sqlite" else None
         db_file = self.engine.url.database if self.dialect == "sqlite" else None
