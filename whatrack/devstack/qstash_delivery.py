@@ -13,11 +13,13 @@ import contextlib
 import itertools
 import json
 import logging
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import certifi
 import httpx
 
 from whatrack.devstack.qstash_durations import HeaderError, default_backoff_s, eval_retry_delay_ms, retry_after_s
@@ -103,7 +105,8 @@ class Dispatcher:
         shards = max(1, self.concurrency // POOL_SHARD)
         per = -(-self.concurrency // shards)
         limits = httpx.Limits(max_connections=per, max_keepalive_connections=per)
-        self._clients = [httpx.AsyncClient(limits=limits, follow_redirects=False, trust_env=False)
+        tls = ssl.create_default_context(cafile=certifi.where())  # verified; loaded once, not once per pool
+        self._clients = [httpx.AsyncClient(limits=limits, follow_redirects=False, trust_env=False, verify=tls)
                          for _ in range(shards)]
         self._turn = itertools.cycle(self._clients)
         self._stopping = False
