@@ -133,17 +133,23 @@ def test_nbval_smoke_runs_a_notebook_with_the_stack_environment(devstack: Path, 
 
 @pytest.mark.slow
 def test_the_whole_suite_through_whatrack_run(devstack: Path, tmp_path: Path) -> None:
-    out = runs.execute(assignments=["seed_jobs=10", "new_jobs=2", "messages=60", "timeout_s=30"],
-                       notebook_dir=NOTEBOOKS, runs_dir=tmp_path / "runs", stack_dir=devstack)
-    data = out.data
+    from whatrack.cli import main
+
+    params = ["seed_jobs=10", "new_jobs=2", "messages=60", "fault_messages=40", "timeout_s=30"]
+    code = main(["run", "--notebooks", str(NOTEBOOKS), "--runs-dir", str(tmp_path / "runs"), "--stack-dir",
+                 str(devstack), *(a for p in params for a in ("-p", p))])
+    (run_dir,) = [d for d in (tmp_path / "runs").iterdir() if d.is_dir()]
+    data = json.loads((run_dir / "run.json").read_text())
     failed = [(p["phase"], p["error"]) for p in data["phases"] if p["status"] != "passed"]
-    assert out.ok, f"{data['failure']}: {failed}"
+    assert code == 0, f"{data['failure']}: {failed}"
     assert [p["phase"] for p in data["phases"]] == list(PHASES)
     assert data["mode"] == "offline" and "reused" in data["stack"]["how"]
     assert data["scan"]["clean"] and data["scan"]["files"] > 20
     assert data["acceptance"] and all(c["verdict"] == "pass" for c in data["acceptance"])
-    index = out.index.read_text()
+    faults = next(p for p in data["phases"] if p["phase"] == "30_validation")["results"]["faults"]
+    assert {f["scenario"] for f in faults} == {"endpoint_sigkill", "postgres_outage"}
+    index = (run_dir / "index.html").read_text()
     for phase in PHASES:
         assert f'href="{phase}/{phase}.html"' in index
-        assert (out.run_dir / phase / "results.json").is_file()
+        assert (run_dir / phase / "results.json").is_file()
     assert data["provenance"]["git_commit"] and data["provenance"]["packages"]["bullmq"]
