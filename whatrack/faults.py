@@ -13,6 +13,7 @@ follow-up worker SIGKILLed with jobs active (:mod:`whatrack.faults_worker`).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -22,7 +23,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,8 +31,9 @@ from urllib.parse import urlsplit
 import psutil
 
 from whatrack.devstack.fault_proxy import FaultControl
-from whatrack.errors import StackError, WhatrackError
+from whatrack.errors import ConfigError, StackError, WhatrackError
 from whatrack.loadtest import EndpointProcess, LoadConfig, LoadResult, Progress, run_load
+from whatrack.loadtest_cost import CommandStats, Projection, command_total, delta, project
 from whatrack.settings import Settings
 
 log = logging.getLogger("whatrack.faults")
@@ -124,6 +126,11 @@ async def kill_broker(ctx: FaultContext) -> None:
     proc = psutil.Process(pid)
     cmd, env, cwd = proc.cmdline(), proc.environ(), proc.cwd()
     os.killpg(pid, signal.SIGKILL)
+    from whatrack.devstack import stack as stack_mod
+
+    handle = getattr(stack_mod, "_CHILDREN", {}).pop(pid, None)  # the stack's Popen of it, when started here
+    if handle is not None:
+        handle.wait(10)
     with contextlib.suppress(psutil.Error):
         proc.wait(10)
     await asyncio.sleep(1.0)
@@ -170,6 +177,7 @@ class MatrixConfig:
     concurrency: int = 32
     settle_timeout: float = 120.0
     followup_jobs: int = 40
+    idle_s: float = 10.0  # idle window for the Redis command rate (the follow-up worker polling); 0: skip
     progress: bool = False
 
 
@@ -185,13 +193,20 @@ class ScenarioResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def passed(self) -> bool:
-        if self.error is not None or self.load is None or self.extra.get("double_sends"):
+    def ledger_passed(self) -> bool:
+        """Database and realtime: nothing lost, duplicated or unexpected."""
+        if self.error is not None or self.load is None:
             return False
         return self.load.ledger.lost == 0 and self.load.ledger.duplicated == 0 and self.load.ledger.unexpected == 0
 
+    @property
+    def passed(self) -> bool:
+        """The ledger passed and no follow-up reached WhatsApp twice."""
+        return self.ledger_passed and not self.extra.get("double_sends")
+
     def row(self) -> dict[str, Any]:
-        base: dict[str, Any] = {"scenario": self.scenario.name, "passed": self.passed}
+        base: dict[str, Any] = {"scenario": self.scenario.name, "passed": self.passed,
+                                "ledger_passed": self.ledger_passed}
         if self.load is not None:
             c = self.load.ledger.counts()
             base |= {"messages": c["total"], "ok": c["ok"], "lost": c["lost"], "duplicated": c["duplicated"],
@@ -203,9 +218,34 @@ class ScenarioResult:
         return base
 
 
-async def run_scenario(scn: Scenario, env: dict[str, str], stack_dir: Path, cfg: MatrixConfig,
-                       index: int) -> ScenarioResult:
-    """Run one scenario against a running stack (``env``); never raises for the scenario's own failure."""
+async def run_scenario(scn: Scenario, env: dict[str, str], stack_dir: Path, cfg: MatrixConfig, index: int,
+                       respawned: list[subprocess.Popen[bytes]] | None = None) -> ScenarioResult:
+    """Run one scenario against a running stack (``env``); never raises for the scenario's own failure.
+
+    ``respawned`` collects processes an injector restarted (the broker): the stack's state file points at them, so
+    ``stack down`` stops them; the caller reaps the handles after that.
+    """
+    before = await _redis_snapshot(env)
+    res = await _run_scenario(scn, env, stack_dir, cfg, index, respawned)
+    after = await _redis_snapshot(env)
+    if before is not None and after is not None:
+        res.extra["redis_cmds"] = delta(before, after).calls
+    return res
+
+
+async def _redis_snapshot(env: dict[str, str]) -> CommandStats | None:
+    url = env.get("UPSTASH_REDIS_URL")
+    if not url:
+        return None
+    try:
+        return await command_total(url, ca_bundle=env.get("WHATRACK_REDIS_CA_BUNDLE"))
+    except Exception as e:  # the measurement is an extra: a failed snapshot must not fail the scenario
+        log.warning("[faults] INFO commandstats failed: %s", type(e).__name__)
+        return None
+
+
+async def _run_scenario(scn: Scenario, env: dict[str, str], stack_dir: Path, cfg: MatrixConfig, index: int,
+                        respawned: list[subprocess.Popen[bytes]] | None) -> ScenarioResult:
     t0 = time.monotonic()
     notes: list[str] = []
     if scn.followups:
@@ -213,6 +253,7 @@ async def run_scenario(scn: Scenario, env: dict[str, str], stack_dir: Path, cfg:
 
         try:
             load, extra = await run_worker_scenario(env, stack_dir, cfg, seed=cfg.seed * 1000 + index, notes=notes)
+            extra["seconds_jobs"] = round(load.drain_s, 1)
             return ScenarioResult(scn, load, time.monotonic() - t0, notes, extra=extra)
         except WhatrackError as e:
             return ScenarioResult(scn, None, time.monotonic() - t0, notes, error=str(e))
@@ -225,7 +266,7 @@ async def run_scenario(scn: Scenario, env: dict[str, str], stack_dir: Path, cfg:
     config = LoadConfig(n=cfg.n, seed=cfg.seed * 1000 + index, rate=cfg.rate, concurrency=cfg.concurrency,
                         settle_timeout=cfg.settle_timeout, progress=cfg.progress,
                         organization=f"faults {cfg.seed} {scn.name}")
-    respawned: list[subprocess.Popen[bytes]] = []
+    respawned = respawned if respawned is not None else []
 
     async def during(progress: Progress) -> None:
         if scn.inject is None:
@@ -258,15 +299,63 @@ async def run_scenario(scn: Scenario, env: dict[str, str], stack_dir: Path, cfg:
         for name in ("postgres", "centrifugo"):
             with contextlib.suppress(StackError):
                 FaultContext(env, stack_dir, endpoint, Progress(0), 0).proxy(name).heal()
-        for p in respawned:  # the stack's state now points at them: `stack down` stops them; reap our handle
-            with contextlib.suppress(Exception):
-                if p.poll() is not None:
-                    p.wait(0)
+
+
+@dataclass
+class MatrixRun:
+    """The matrix's rows and the idle Redis measurement (for the cost projection)."""
+
+    results: list[ScenarioResult]
+    idle_cmds: int = 0
+    idle_s: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    def rows(self) -> list[dict[str, Any]]:
+        return table(self.results)
+
+    def projection(self, *, webhooks_per_day: float, followups_per_day: float) -> Projection | None:
+        """Project a day from this run (None when the follow-up row or the idle window is missing).
+
+        QStash deliveries per webhook come from the message rows (publishes + RETRY events); Redis commands from the
+        follow-up row (per job) and the idle window.
+        """
+        loads = [r for r in self.results if r.load is not None and not r.scenario.followups]
+        worker = next((r for r in self.results if r.scenario.followups and r.load is not None), None)
+        if not loads or worker is None or worker.load is None or not self.idle_s:
+            return None
+        webhooks = sum(r.load.published for r in loads if r.load)
+        deliveries = webhooks + sum(r.load.retries for r in loads if r.load)
+        jobs = int(worker.extra.get("jobs_completed", 0)) or 1
+        return project(webhooks_per_day=webhooks_per_day, followups_per_day=followups_per_day,
+                       followup_cmds=int(worker.extra.get("redis_cmds", 0)), followups=jobs,
+                       followup_s=max(float(worker.extra.get("seconds_jobs") or worker.seconds), 1e-3),
+                       idle_cmds=self.idle_cmds, idle_s=self.idle_s, qstash_deliveries=deliveries,
+                       webhooks=webhooks)
+
+
+async def measure_idle(env: dict[str, str], seconds: float) -> int:
+    """Redis commands on the Upstash Redis while only the follow-up worker runs (it polls) for ``seconds``."""
+    from whatrack.faults_worker import WorkerProcess
+
+    worker = WorkerProcess(env)
+    worker.start()
+    try:
+        await asyncio.sleep(3.0)  # start-up commands (script loads, INFO) are not idle polling
+        before = await _redis_snapshot(env)
+        await asyncio.sleep(seconds)
+        after = await _redis_snapshot(env)
+    finally:
+        await asyncio.to_thread(worker.close)
+    return delta(before, after).calls if before and after else 0
 
 
 def run_matrix(scenarios: Sequence[Scenario] = SCENARIOS, cfg: MatrixConfig = MatrixConfig(), *,
-               stack_dir: Path = Path("runs/.faults-stack"), database_url: str | None = None) -> list[ScenarioResult]:
-    """Bring a stack up in ``stack_dir`` (time-scaled broker), run every scenario in order, bring it down.
+               stack_dir: Path = Path("runs/.faults-stack"), database_url: str | None = None) -> MatrixRun:
+    """Bring a stack up in ``stack_dir`` (time-scaled broker), run every scenario in order, measure the idle Redis
+    command rate, bring the stack down.
 
     Raises:
         StackError: the stack could not start.
@@ -274,17 +363,75 @@ def run_matrix(scenarios: Sequence[Scenario] = SCENARIOS, cfg: MatrixConfig = Ma
     from whatrack.devstack.stack import running_stack
 
     results: list[ScenarioResult] = []
-    with running_stack(stack_dir, time_scale=cfg.time_scale, database_url=database_url) as st:
-        env = st.env()
-        for i, scn in enumerate(scenarios):
-            log.info("[faults] scenario %s (%d/%d)", scn.name, i + 1, len(scenarios))
-            res = asyncio.run(run_scenario(scn, env, Path(stack_dir).resolve(), cfg, i))
-            log.info("[faults] %s: %s in %.0f s %s", scn.name, "PASS" if res.passed else "FAIL", res.seconds,
-                     res.error or "")
-            results.append(res)
-    return results
+    respawned: list[subprocess.Popen[bytes]] = []
+    try:
+        with running_stack(stack_dir, time_scale=cfg.time_scale, database_url=database_url) as st:
+            env = st.env()
+            for i, scn in enumerate(scenarios):
+                log.info("[faults] scenario %s (%d/%d)", scn.name, i + 1, len(scenarios))
+                res = asyncio.run(run_scenario(scn, env, Path(stack_dir).resolve(), cfg, i, respawned))
+                log.info("[faults] %s: %s in %.0f s %s", scn.name, "PASS" if res.passed else "FAIL", res.seconds,
+                         res.error or "")
+                results.append(res)
+            idle = asyncio.run(measure_idle(env, cfg.idle_s)) if cfg.idle_s else 0
+    finally:
+        for p in respawned:  # stopped by `stack down` (the state file points at them): reap, or stop if it did not
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(10)
+    return MatrixRun(results, idle, cfg.idle_s)
 
 
 def table(results: Sequence[ScenarioResult]) -> list[dict[str, Any]]:
     """The matrix as rows (``pandas.DataFrame(table(results))`` in a notebook)."""
     return [r.row() for r in results]
+
+
+# -- the command --------------------------------------------------------------------------------------------------
+
+def _cmd(args: argparse.Namespace) -> int:
+    cfg = MatrixConfig(n=args.messages, outage_s=args.outage, workers=args.workers, time_scale=args.time_scale,
+                       seed=args.seed, concurrency=args.concurrency, settle_timeout=args.settle_timeout,
+                       followup_jobs=args.jobs, idle_s=args.idle, progress=False)
+    chosen = [s for s in SCENARIOS if not args.only or s.name in args.only]
+    unknown = set(args.only or ()) - {s.name for s in SCENARIOS}
+    if unknown:
+        raise ConfigError("--only", f"unknown scenario(s) {sorted(unknown)}", ",".join(s.name for s in SCENARIOS))
+    run = run_matrix(chosen, cfg, stack_dir=Path(args.stack_dir))
+    rows = run.rows()
+    cols = ["scenario", "passed", "messages", "ok", "lost", "duplicated", "unexpected", "recovered", "unknown",
+            "retries", "dlq", "stored_per_s", "commit_p99_ms", "seconds"]
+    print("  ".join(cols))
+    for r in rows:
+        print("  ".join(str(r.get(c, "")) for c in cols) + f"  | {r['notes']} {r['error']}".rstrip())
+    projection = run.projection(webhooks_per_day=args.webhooks_per_day, followups_per_day=args.followups_per_day)
+    if projection is not None:
+        print()
+        for row in projection.table():
+            print(f"{row['item']}: {row['projection']}  [{row['plan figure']}]  ({row['source']})")
+    if args.out:
+        out = {"config": asdict(cfg), "rows": rows, "idle_cmds": run.idle_cmds, "idle_s": run.idle_s,
+               "projection": projection.table() if projection else None}
+        Path(args.out).write_text(json.dumps(out, indent=2, default=str))
+    return 0 if run.passed else 1
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("faults", help="run the fault matrix under load and reconcile every message")
+    p.add_argument("-n", "--messages", type=int, default=MatrixConfig.n, help="messages per scenario")
+    p.add_argument("--outage", type=float, default=MatrixConfig.outage_s, help="seconds each outage lasts")
+    p.add_argument("--workers", type=int, default=MatrixConfig.workers, help="uvicorn worker processes")
+    p.add_argument("--time-scale", type=float, default=MatrixConfig.time_scale, help="QStash backoff scale")
+    p.add_argument("--seed", type=int, default=MatrixConfig.seed)
+    p.add_argument("--concurrency", type=int, default=MatrixConfig.concurrency, help="publishes in flight")
+    p.add_argument("--settle-timeout", type=float, default=MatrixConfig.settle_timeout)
+    p.add_argument("--jobs", type=int, default=MatrixConfig.followup_jobs, help="follow-up jobs (worker row)")
+    p.add_argument("--idle", type=float, default=MatrixConfig.idle_s, help="idle window for the Redis rate (s)")
+    p.add_argument("--only", type=lambda v: v.split(","), default=None, help="comma-separated scenario names")
+    p.add_argument("--stack-dir", default="runs/.faults-stack")
+    p.add_argument("--webhooks-per-day", type=float, default=20_000.0, help="for the cost projection")
+    p.add_argument("--followups-per-day", type=float, default=2_000.0, help="for the cost projection")
+    p.add_argument("--out", default=None, help="write the rows and the projection as JSON here")
+    p.set_defaults(func=_cmd)

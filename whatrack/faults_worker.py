@@ -158,7 +158,10 @@ async def run_worker_scenario(env: dict[str, str], stack_dir: Path, cfg: MatrixC
         for s in sends:
             if s.get("ok"):
                 ok_sends.setdefault(s["track_id"], []).append(s)
-        sent = [Sent(v[0]["id"] if v else f"job:{j}", t0, "accepted", j) for j, v in ok_sends.items()]
+        # Every WhatsApp message actually sent must be stored once and published once; a job that never sent is
+        # lost; a job that sent twice is reported apart (the lead got the follow-up twice).
+        sent = [Sent(x["id"], t0, "accepted", j) for j, v in ok_sends.items() for x in v]
+        sent += [Sent(f"job:{j}", t0, "accepted", j) for j, v in ok_sends.items() if not v]
         double = sum(max(0, len(v) - 1) for v in ok_sends.values())
         await _wait_rows(store, {s.provider_id for s in sent}, inst.organization_id)
         obs = await collect(store, realtime, None, sent, organization_id=inst.organization_id)
@@ -175,11 +178,12 @@ async def run_worker_scenario(env: dict[str, str], stack_dir: Path, cfg: MatrixC
     stored_at = {r.provider_id: r.created_at for r in obs.rows}
     elapsed = max(max(stored_at.values(), default=t0) - t0, 1e-9)
     load = LoadResult(
-        config=LoadConfig(n=jobs, seed=seed, progress=False), published=jobs, accepted=jobs,
+        config=LoadConfig(n=jobs, seed=seed, progress=False), published=len(sent), accepted=len(sent),
         publish_s=1e-9, drain_s=elapsed, accepted_per_s=0.0, stored_per_s=len(obs.rows) / elapsed,
         commit=latency_stats((v - t0) * 1e3 for v in stored_at.values()), realtime=latency_stats([]), retries=0,
         dlq=0, replays=[], ledger=ledger, sent=sent)
-    extra = {"double_sends": double, "jobs_completed": counts.get("completed", 0),
+    extra = {"double_sends": double, "jobs_sent": sum(1 for v in ok_sends.values() if v),
+             "jobs_completed": counts.get("completed", 0),
              "jobs_failed": counts.get("failed", 0)}
     if double:
         notes.append(f"{double} follow-ups sent twice to WhatsApp")

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,7 @@ from whatrack.errors import ConfigError, PublishError, StackError
 from whatrack.evidence import Ledger, Replay, Sent, classify, collect, dlq_items, replay_dlq
 from whatrack.evidence_plots import Percentiles, latency_stats
 from whatrack.loadtest_gen import Webhook, generate, instances_of
+from whatrack.qstash import SETTLED_STATES
 from whatrack.settings import SECRET_ENV_NAMES, Settings
 
 if TYPE_CHECKING:
@@ -273,8 +275,9 @@ async def retry_count(publisher: Publisher, since_ms: int) -> int:
 
 async def settle(store: Any, publisher: Publisher, sent: Sequence[Sent], organization_id: int, *,
                  timeout: float) -> bool:
-    """Wait until every accepted message is stored and published, or until QStash has given up on the rest
-    (FAILED: in the DLQ), or ``timeout``. Returns whether everything accepted arrived."""
+    """Wait until every accepted message is stored and published, or until QStash has settled the rest (FAILED: in
+    the DLQ; or DELIVERED, yet not stored: lost, nothing more will come), or ``timeout``. Returns whether
+    everything accepted arrived."""
     want = {s.provider_id: s.qstash_id for s in sent if s.qstash_id}
     deadline = time.monotonic() + timeout
     last_count, last_change = -1, time.monotonic()
@@ -289,14 +292,27 @@ async def settle(store: Any, publisher: Publisher, sent: Sequence[Sent], organiz
             last_count, last_change = len(done), now
         elif now - last_change > STALL_CHECK_S:
             states = await publisher.states([m for m in missing if m])
-            if all(states.get(m) in ("FAILED", "CANCELED") for m in missing if m):
-                log.info("[loadtest] %d messages settled as FAILED (DLQ)", len(missing))
+            if all(states.get(m) in SETTLED_STATES for m in missing if m):
+                log.info("[loadtest] %d messages settled by QStash without arriving (%s)", len(missing),
+                         dict(Counter(states.get(m) for m in missing)))
                 return False
             last_change = now
         if now > deadline:
             log.warning("[loadtest] settle timed out with %d messages missing", len(missing))
             return False
         await asyncio.sleep(0.25)
+
+
+async def close_publisher(publisher: Publisher) -> None:
+    """Close the publisher's HTTP client (``Publisher`` has no ``aclose`` yet: the SDK's httpx client is reached
+    through ``AsyncQStash.http``)."""
+    closer = getattr(publisher, "aclose", None)
+    if closer is not None:
+        await closer()
+        return
+    inner = getattr(getattr(publisher.client, "http", None), "_client", None)
+    if inner is not None:
+        await inner.aclose()
 
 
 # -- the run ------------------------------------------------------------------------------------------------------
@@ -355,6 +371,7 @@ async def run_load(settings: Settings, config: LoadConfig, *, during: Hook | Non
     finally:
         await realtime.aclose()
         await store.aclose()
+        await close_publisher(publisher)
     accepted = sum(1 for s in sent if s.outcome == "accepted")
     last_commit = max((r.created_at for r in obs.rows), default=t0)
     drain_s = max(last_commit - t0, 1e-9)
@@ -416,3 +433,6 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                    help="run the endpoint (whatrack serve) as a subprocess on WEBHOOK_PUBLIC_URL's port")
     p.add_argument("--workers", type=int, default=2, help="uvicorn workers with --serve")
     p.set_defaults(func=_cmd)
+    from whatrack import faults
+
+    faults.add_commands(sub)

@@ -84,15 +84,20 @@ async def command_total(url: str, *, ca_bundle: str | None = None) -> CommandSta
 class Projection:
     """Measured rates and their projection to a day and a 30-day month."""
 
-    messages_per_day: float
-    redis_cmds_per_s_load: float  # measured during the load
-    redis_cmds_per_s_idle: float  # measured at idle
-    redis_cmds_per_s_avg: float  # projected day average at messages_per_day
-    qstash_msgs_per_message: float  # publishes + retries per webhook
+    webhooks_per_day: float
+    followups_per_day: float
+    redis_cmds_per_s_load: float  # measured while follow-ups ran
+    redis_cmds_per_s_idle: float  # measured at idle (the worker polling)
+    redis_cmds_per_followup: float
+    qstash_msgs_per_webhook: float  # deliveries (first attempts + retries) per webhook
     redis_cmds_per_day: float
     redis_cmds_per_month: float
     redis_usd_per_month: float
     qstash_msgs_per_day: float
+
+    @property
+    def redis_cmds_per_s_avg(self) -> float:
+        return self.redis_cmds_per_day / DAY_S
 
     def table(self, *, qstash_daily_limit: int | None = None,
               qstash_price_per_100k: float | None = None) -> list[dict[str, str]]:
@@ -101,13 +106,16 @@ class Projection:
             return f"{x:,.0f}"
 
         free_ok = "within" if self.redis_cmds_per_month <= REDIS_FREE_COMMANDS_PER_MONTH else "over"
+        volume = f"{n(self.webhooks_per_day)} webhooks + {n(self.followups_per_day)} follow-ups a day"
         rows = [
-            {"item": "Redis commands/s under load", "projection": f"{self.redis_cmds_per_s_load:.1f}",
-             "plan figure": "", "source": "measured (INFO commandstats delta)"},
-            {"item": "Redis commands/s idle", "projection": f"{self.redis_cmds_per_s_idle:.2f}",
-             "plan figure": "", "source": "measured (INFO commandstats delta)"},
-            {"item": f"Redis commands/s, day average at {n(self.messages_per_day)} messages/day",
-             "projection": f"{self.redis_cmds_per_s_avg:.2f}", "plan figure": "", "source": "projection"},
+            {"item": "Redis commands/s while follow-ups run", "projection": f"{self.redis_cmds_per_s_load:.1f}",
+             "plan figure": "", "source": "measured (INFO commandstats delta, Upstash Redis)"},
+            {"item": "Redis commands/s idle (worker polling)", "projection": f"{self.redis_cmds_per_s_idle:.2f}",
+             "plan figure": "", "source": "measured (INFO commandstats delta, Upstash Redis)"},
+            {"item": "Redis commands per follow-up", "projection": f"{self.redis_cmds_per_followup:.1f}",
+             "plan figure": "", "source": "measured"},
+            {"item": f"Redis commands/s, day average ({volume})", "projection": f"{self.redis_cmds_per_s_avg:.2f}",
+             "plan figure": "", "source": "projection"},
             {"item": "Redis commands/month", "projection": n(self.redis_cmds_per_month),
              "plan figure": f"free tier {n(REDIS_FREE_COMMANDS_PER_MONTH)}/month: {free_ok}",
              "source": "protocols/bullmq.md §5"},
@@ -118,7 +126,7 @@ class Projection:
                              f"{'within' if self.qstash_msgs_per_day <= qstash_daily_limit else 'over'}"
                              if qstash_daily_limit else "daily quota not in protocols/qstash.md (read the console)"),
              "source": "measured publishes + RETRY events"},
-            {"item": "QStash deliveries per webhook", "projection": f"{self.qstash_msgs_per_message:.3f}",
+            {"item": "QStash deliveries per webhook", "projection": f"{self.qstash_msgs_per_webhook:.3f}",
              "plan figure": "retries ≤ 3 free / 5 PAYG / 20 pro", "source": "protocols/qstash.md §3.2"},
             {"item": "DLQ retention", "projection": "replay within the window",
              "plan figure": "3 days free / 7 days PAYG", "source": "protocols/qstash.md §3.4"},
@@ -130,27 +138,28 @@ class Projection:
         return rows
 
 
-def project(*, messages_per_day: float, load_cmds: int, load_messages: int, load_s: float, idle_cmds: int,
-            idle_s: float, qstash_deliveries: int) -> Projection:
-    """Project a day of ``messages_per_day`` webhooks from one measured load and one measured idle window. Pure.
+def project(*, webhooks_per_day: float, followups_per_day: float, followup_cmds: int, followups: int,
+            followup_s: float, idle_cmds: int, idle_s: float, qstash_deliveries: int, webhooks: int) -> Projection:
+    """Project a day from one measured follow-up run, one idle window and one webhook load. Pure.
 
-    Redis per day = idle rate × the whole day + load commands per message × the day's messages: the idle polling
-    (BullMQ) runs all day, the per-message cost is added on top (conservative: the polling that ran during the load
-    is charged to its messages too).
+    Redis per day = idle rate × the whole day + commands per follow-up × the day's follow-ups: the worker's polling
+    runs all day, each job adds its own commands (conservative: the polling that ran during the follow-up run is
+    charged to its jobs too). Webhooks do not touch the Upstash Redis (QStash is a separate service); they cost
+    QStash deliveries: first attempts plus retries.
 
     Raises:
         ValueError: a measurement is empty.
     """
-    if load_messages <= 0 or idle_s <= 0 or load_s <= 0:
-        raise ValueError("need load_messages > 0, load_s > 0 and idle_s > 0 to project")
+    if followups <= 0 or idle_s <= 0 or followup_s <= 0 or webhooks <= 0:
+        raise ValueError("need followups > 0, followup_s > 0, idle_s > 0 and webhooks > 0 to project")
     idle_rate = idle_cmds / idle_s
-    per_message = load_cmds / load_messages
-    per_day = idle_rate * DAY_S + per_message * messages_per_day
-    per_msg_qstash = qstash_deliveries / load_messages
+    per_followup = followup_cmds / followups
+    per_day = idle_rate * DAY_S + per_followup * followups_per_day
+    per_webhook = qstash_deliveries / webhooks
     return Projection(
-        messages_per_day=messages_per_day, redis_cmds_per_s_load=load_cmds / load_s,
-        redis_cmds_per_s_idle=idle_rate, redis_cmds_per_s_avg=per_day / DAY_S,
-        qstash_msgs_per_message=per_msg_qstash, redis_cmds_per_day=per_day,
+        webhooks_per_day=webhooks_per_day, followups_per_day=followups_per_day,
+        redis_cmds_per_s_load=followup_cmds / followup_s, redis_cmds_per_s_idle=idle_rate,
+        redis_cmds_per_followup=per_followup, qstash_msgs_per_webhook=per_webhook, redis_cmds_per_day=per_day,
         redis_cmds_per_month=per_day * MONTH_DAYS,
         redis_usd_per_month=per_day * MONTH_DAYS / 100_000 * REDIS_PAYG_USD_PER_100K,
-        qstash_msgs_per_day=per_msg_qstash * messages_per_day)
+        qstash_msgs_per_day=per_webhook * webhooks_per_day)
