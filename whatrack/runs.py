@@ -8,19 +8,23 @@ Commands (wired by :mod:`whatrack.cli`):
   and its figures; then ``index.html`` (open it first) and ``run.json``. ``-p name=value`` sets a parameter in every
   chosen phase that declares it, ``-p 10.name=value`` in one phase; unknown names are errors, values are coerced to
   the declared type. A failing phase stops the run (the index names the phase and the cell) and the exit code is 1.
-  In offline mode with no devstack running, the run brings the devstack up in ``runs/.stack`` (``--stack-dir``) and
-  down afterwards; the kernels get its settings through their environment, never as parameters.
+  In offline mode with no devstack running, the run brings the devstack up in ``runs/.stack`` (``--stack-dir``; its
+  broker's retry delays scaled by ``--time-scale``, 0.2) and down afterwards; a stack already running there is reused.
+  The kernels get the settings through their environment, never as parameters. Cloud mode (real Upstash
+  credentials in the environment or ``.env``) starts nothing.
 * ``whatrack report RUN_DIR``: re-renders a run's ``index.html`` and ``run.json`` from its files.
-* ``whatrack lab [--no-browser]``: opens JupyterLab on ``notebooks/`` with the devstack's environment loaded (bringing
-  the stack up if none is running, and down when JupyterLab exits). A notebook run in the lab records its results
-  under ``runs/lab/<phase>/``.
+* ``whatrack lab [--no-browser] [--no-stack]``: opens JupyterLab (on 127.0.0.1, token auth on) on ``notebooks/`` with
+  the devstack's environment loaded into the server and so into every kernel (the stack in ``runs/.stack`` is reused
+  when running, else brought up, and down again when JupyterLab exits with Ctrl-C). ``--no-browser`` prints the URL
+  instead of opening a browser. A notebook run in the lab records its results under ``runs/lab/<phase>/``, where
+  the acceptance notebook reads them.
 
 Before a run is declared done every file it wrote is scanned (:mod:`whatrack.runs_scan`) for the values of every
 secret setting of the environment the run used (the devstack's generated secrets included) and for token-shaped
 strings; a hit fails the run, names the file and notebook cell, and the hit is redacted from the file.
 
-Notebooks call :func:`record` (from :mod:`whatrack.runs_record`) at the end of each phase, :func:`check` / :func:`criterion` to build verdict rows, and
-the acceptance notebook :func:`load_results` to read the other phases' results.
+Notebooks call :func:`record` at the end of each phase, :func:`check` / :func:`criterion` to build verdict rows, and the
+acceptance notebook :func:`load_results` to read the other phases' results (all in :mod:`whatrack.runs_record`).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from whatrack import runs_params, runs_report, runs_scan
-from whatrack.errors import RunError, StackError
+from whatrack.errors import RunError, StackError, WhatrackError
 from whatrack.runs_record import PHASE_MARKER, RESULTS_FILE, check, criterion, load_results, phase_dir, record
 from whatrack.settings import SECRET_ENV_NAMES, Settings, url_password
 
@@ -333,6 +337,8 @@ def execute(phases: Sequence[str] = (), *, assignments: Sequence[str] = (), note
                     break
     except StackError as e:
         data["failure"] = f"devstack: {e}"
+    except WhatrackError as e:  # e.g. the stack's settings did not validate: the run still gets its index
+        data["failure"] = f"{type(e).__name__}: {e}"
     data["status"] = "passed" if all(p["status"] == "passed" for p in data["phases"]) else "failed"
     data["ended"], data["duration_s"] = _now(), round(time.monotonic() - t0, 2)
     exclude = [stack_dir] if stack_dir.resolve().is_relative_to(run_dir.resolve()) else []
