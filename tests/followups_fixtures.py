@@ -55,6 +55,9 @@ async def ctx(redis_url: str, uazapi: UazapiStandIn) -> AsyncIterator[WorkerCont
 async def running(url: str, processor: Callable[[Job], Awaitable[Any]], ctx: WorkerContext | None = None,
                   **kw: Any) -> AsyncIterator[FollowupWorker]:
     fw = FollowupWorker(url, processor, **kw)
+    errors: list[tuple[object, ...]] = []
+    fw.worker.on("error", lambda *a: errors.append(a))
+    fw.errors = errors  # type: ignore[attr-defined]  (read by tests that expect none)
     if ctx is not None and ctx.redis is None:
         ctx.redis = fw.client
     await fw.start()

@@ -174,9 +174,10 @@ async def test_sends_stores_and_publishes_once(queue: Queue, redis_url: str, ctx
                                                uazapi: UazapiStandIn) -> None:
     store, rt = ctx.store, ctx.realtime
     assert isinstance(store, StoreForTests) and isinstance(rt, RealtimeForTests)
-    async with running(redis_url, handler(ctx), ctx):
+    async with running(redis_url, handler(ctx), ctx) as fw:
         jid = await add(queue, "j1")
         assert await finished(queue, jid) == {jid: "completed"}
+    assert fw.errors == []  # type: ignore[attr-defined]
     assert uazapi.sends_by_job() == {jid: 1}
     assert uazapi.sends[0]["number"] == PHONE and uazapi.sends[0]["text"] == "text of j1"
     assert uazapi.sends[0]["track_source"] == "whatrack-followup"
@@ -283,7 +284,7 @@ async def test_1000_delayed_followups_run_once_and_never_early(queue: Queue, red
         ran.setdefault(str(job.id), []).append((time.time(), datetime.fromisoformat(job.data["runAt"]).timestamp()))
         return await process_followup(ctx, job)
 
-    async with running(redis_url, timed, ctx, concurrency=50):
+    async with running(redis_url, timed, ctx, concurrency=50) as fw:
         start = datetime.now(UTC) + timedelta(seconds=1)
         ids = await asyncio.gather(*(
             schedule_followup(queue, organization_id=ORG, instance_id=INST, lead_id=LEAD, text=f"n{i}",
@@ -293,6 +294,7 @@ async def test_1000_delayed_followups_run_once_and_never_early(queue: Queue, red
             return (await queue.getJobCounts("completed"))["completed"] >= 1000
 
         await wait_until(all_done, "1000 delayed jobs", timeout=120)
+    assert fw.errors == []  # type: ignore[attr-defined]
     assert sorted(ran) == sorted(ids) and all(len(v) == 1 for v in ran.values())
     early = [(jid, due - t) for jid, [(t, due)] in ran.items() if t < due]
     assert early == []
