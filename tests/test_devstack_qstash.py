@@ -147,3 +147,13 @@ def test_deduplication_by_id_and_by_content(broker: BrokerThread, client: QStash
     wait_until(lambda: len(receiver.for_path("/c")) == 2 and receiver.for_path("/d"), what="deliveries")
     assert [h.body for h in receiver.for_path("/d")] == [b"a"]
 
+
+
+def test_redacted_fields_are_delivered_but_not_shown_in_events(client: QStash, receiver: Receiver) -> None:
+    res = client.message.publish(url=receiver.url("/red"), body="private", headers={"Authorization": "Bearer s3cret",
+                                                                                   "X-Plain": "1"},
+                                 redact={"body": True, "header": ["Authorization"]})
+    hit = wait_until(lambda: receiver.for_path("/red"), what="the delivery")[0]
+    assert hit.body == b"private" and hit.headers["authorization"] == "Bearer s3cret"
+    (created,) = events(client, message_id=res.message_id, state=LogState.CREATED)
+    assert created.body_base64 is None and created.headers == {"X-Plain": ["1"]}

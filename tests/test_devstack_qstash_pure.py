@@ -168,3 +168,13 @@ def test_cron_with_and_without_time_zone() -> None:
     for bad in ("* * *", "61 * * * *", "CRON_TZ=Mars/Olympus 0 9 * * *"):
         with pytest.raises(HeaderError, match="Upstash-Cron"):
             next_fire_ms(bad, t0)
+
+
+def test_redact_fields_hide_body_and_headers_from_the_events_only() -> None:
+    spec = parse_publish_headers({"upstash-redact-fields": "body, header[Authorization]",
+                                  "upstash-forward-authorization": "Bearer s3cret", "upstash-forward-x": "1"})
+    assert spec.redact_body and spec.logged_header(spec.header) == {"X": ["1"]}
+    assert spec.header["Authorization"] == ["Bearer s3cret"]  # still delivered
+    assert parse_publish_headers({"upstash-redact-fields": "header"}).logged_header({"X": ["1"]}) is None
+    with pytest.raises(HeaderError, match="Redact"):
+        parse_publish_headers({"upstash-redact-fields": "everything"})

@@ -83,6 +83,16 @@ class PublishSpec:
     cron: str | None = None
     schedule_id: str | None = None
     queue: str | None = None
+    #: Upstash-Redact-Fields: what the events (logs) must not show: the body, all headers, or named headers.
+    redact_body: bool = False
+    redact_all_headers: bool = False
+    redact_headers: set[str] = field(default_factory=set)
+
+    def logged_header(self, header: dict[str, list[str]]) -> dict[str, list[str]] | None:
+        """The forwarded headers as the events may show them (None when all are redacted or there are none)."""
+        if self.redact_all_headers:
+            return None
+        return {k: v for k, v in header.items() if k not in self.redact_headers} or None
 
 
 def _int_header(headers: Mapping[str, str], name: str, example: str) -> int | None:
@@ -154,6 +164,16 @@ def parse_publish_headers(headers: Mapping[str, str], *, now: int | None = None)
     label = headers.get("upstash-label")
     if label:
         spec.labels = [p.strip() for p in label.split(",") if p.strip()]
+    for part in (headers.get("upstash-redact-fields") or "").split(","):
+        part = part.strip()
+        if part == "body":
+            spec.redact_body = True
+        elif part in ("header", "headers"):
+            spec.redact_all_headers = True
+        elif part.startswith("header[") and part.endswith("]"):
+            spec.redact_headers.add(canonical(part[7:-1]))
+        elif part:
+            raise HeaderError("Upstash-Redact-Fields", f"unknown field {part!r}", "body,header[Authorization]")
     spec.cron = headers.get("upstash-cron") or None
     spec.schedule_id = headers.get("upstash-schedule-id") or None
     spec.queue = headers.get("upstash-queue-name") or None

@@ -77,9 +77,9 @@ async def publish(store: Store, flow: FlowControl, destination: str, spec: Publi
     commands: list[list[Any]] = list(extra or [])
     for rec in recs:
         commands += store.message_commands(rec, body)
-        commands.append(store.event_command(event(rec, "CREATED", created, header=rec["header"] or None,
-                                                  body=base64.b64encode(body).decode(),
-                                                  nextDeliveryTime=rec["notBefore"])))
+        commands.append(store.event_command(event(
+            rec, "CREATED", created, header=spec.logged_header(rec["header"]),
+            body=None if spec.redact_body else base64.b64encode(body).decode(), nextDeliveryTime=rec["notBefore"])))
     earlier = await store.accept(commands, dedup_key(spec, destination, body), response)
     if earlier is not None:
         if isinstance(earlier, list):
