@@ -188,6 +188,24 @@ async def test_messages_of_a_new_lead_at_once_make_one_lead(store: Store, inst: 
     assert conv["unread_count"] == 8 and conv["last_message_at"] == T0 + timedelta(seconds=7)
 
 
+@pytest.mark.sqlite
+async def test_two_processes_on_one_sqlite_file_make_one_row(tmp_path: Path) -> None:
+    """Two Stores (no shared lock, like two processes) on one file: BEGIN IMMEDIATE and the busy timeout queue them."""
+    url = f"sqlite:///{tmp_path}/shared.db"
+    a, b = Store.from_url(url), Store.from_url(url)
+    try:
+        await a.upgrade()
+        inst = await a.register_instance("acme", "inst-a", TOKEN, owner=OWNER)
+        results = await asyncio.gather(*(s.save_message(inst, message()) for s in (a, b) * 10),
+                                       *(s.save_message(inst, message(f"N{i}")) for i, s in enumerate((b, a) * 3)))
+        assert sum(r.created for r in results[:20]) == 1 and len({r.message_id for r in results[:20]}) == 1
+        counts = await b.counts()
+        assert (counts["lead"], counts["conversation"], counts["ticket"], counts["message"]) == (1, 1, 1, 7)
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
 async def test_same_phone_under_a_lid_is_the_same_lead(store: Store, inst: InstanceRef) -> None:
     a = await store.save_message(inst, message("P1"))
     b = await store.save_message(inst, message("P2", lead_jid="100000000000001@lid", chat_jid="100000000000001@lid"))

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from whatrack import store_rows as rows
 from whatrack import store_steps as steps
 from whatrack import store_upgrade
-from whatrack.errors import ConfigError, PayloadError
+from whatrack.errors import ConfigError, PayloadError, StoreError
 from whatrack.events import InstanceEvent, MessageEvent, ReceiptEvent
 from whatrack.models import TABLES, Conversation, Instance, Lead, Message, Organization, Ticket, UTCDateTime, utcnow
 from whatrack.store_engine import Database
@@ -298,8 +298,8 @@ class Store:
                 "created_at": utcnow()})
             if row is None:
                 found = await steps.find_message(conn, inst, pid, external_id, job_id=job_id)
-                if found is None:
-                    raise PayloadError("conflict", f"message {external_id} conflicts with a row that cannot be read")
+                if found is None:  # not expected: the conflicting row committed before ON CONFLICT gave way
+                    raise StoreError(f"message {external_id} conflicted with a row not visible yet; retry")
                 return _stored(found, created=False)
             await steps.touch_conversation(conn, conv_id, sent_at, inbound=False)
             return _stored(row, created=True)
