@@ -45,7 +45,8 @@ DEFAULT_CONCURRENCY = 128
 POOL_SHARD = 16
 #: Messages claimed per Redis round trip.
 CLAIM_BATCH = 256
-#: A lease outlives the attempt's own timeout by this much before another pass may take the message again.
+#: Lease length. An expired lease is taken back only when no attempt for that message runs in this process, so a
+#: long attempt is never doubled; a restart takes back every lease (the attempts died with the old process).
 LEASE_MARGIN_S = 60
 #: Longest the loop sleeps without a signal: bounds how late a message published by another process is noticed.
 IDLE_WAIT_S = 1.0
