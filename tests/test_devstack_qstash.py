@@ -128,6 +128,8 @@ def test_bad_input_is_a_400_that_names_the_problem_and_writes_nothing(
                  {"destination": receiver.url(), "headers": {"Upstash-Retries": "lots"}, "body": "bad"}]
     resp = api(broker, "POST", "/v2/batch", json=bad_batch)
     assert resp.status_code == 400 and "batch item 1" in resp.json()["error"] and "Upstash-Retries" in resp.text
+    resp = api(broker, "POST", "/v2/batch", json=[bad_batch[0], {"destination": "no-such-group", "body": "x"}])
+    assert resp.status_code == 404 and "batch item 1" in resp.json()["error"]
     assert r.dbsize() == before  # not even the good first item of the batch
     assert receiver.hits == []
     r.close()

@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 
 from whatrack.devstack.qstash_durations import HeaderError
 from whatrack.devstack.qstash_model import Record, event, message_view, now_ms, parse_publish_headers
-from whatrack.devstack.qstash_publish import ApiError, publish
+from whatrack.devstack.qstash_publish import ApiError, publish, resolve
 
 if TYPE_CHECKING:
     from whatrack.devstack.qstash_broker import Broker
@@ -89,8 +89,11 @@ async def batch_route(request: Request) -> Response:
         headers = {str(k).lower(): str(v) for k, v in (item.get("headers") or {}).items()}
         try:
             spec = parse_publish_headers(headers)
+            await resolve(b.store, str(item["destination"]))
         except HeaderError as e:
             raise ApiError(400, f"batch item {i}: {e}") from e
+        except ApiError as e:
+            raise ApiError(e.status, f"batch item {i}: {e}") from e
         body = item.get("body")
         prepared.append((item["destination"], spec, (body or "").encode("utf-8"), item.get("queue")))
     out = []
