@@ -48,11 +48,13 @@ def pg_store_url(pg_admin_url: str) -> Iterator[str]:
     database per test would cost about a second each)."""
     name = f"whatrack_store_{uuid.uuid4().hex[:12]}"
     url = servers.create_database(pg_admin_url, name)
-    # Requested from inside the async ``store`` fixture, where a loop is running: migrate on a thread of its own.
-    with ThreadPoolExecutor(1) as pool:
-        pool.submit(lambda: asyncio.run(_migrate(url))).result()
-    yield url
-    servers.drop_database(pg_admin_url, name)
+    try:
+        # Requested from inside the async ``store`` fixture, where a loop is running: migrate on a thread of its own.
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(lambda: asyncio.run(_migrate(url))).result()
+        yield url
+    finally:
+        servers.drop_database(pg_admin_url, name)
 
 
 @pytest.fixture(params=["postgresql", pytest.param("sqlite", marks=pytest.mark.sqlite)])
