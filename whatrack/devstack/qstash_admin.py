@@ -7,11 +7,13 @@ as PATCH (both SDKs) and POST (OpenAPI); deleting a missing URL group answers 20
 from __future__ import annotations
 
 import json
+import time
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from whatrack.devstack.qstash_api import broker_of, client_ip, json_body, lower_headers, raw_destination
+from whatrack.devstack.qstash_durations import HeaderError, parse_duration_s
 from whatrack.devstack.qstash_model import Record, is_url, new_id, now_ms
 from whatrack.devstack.qstash_publish import ApiError, next_fire_ms, schedule_record, schedule_view
 
@@ -253,18 +255,18 @@ async def flow_action(request: Request) -> Response:
             if q.get("rate"):
                 ks.rate_max, ks.pinned_rate = int(q["rate"]), True
             if q.get("period"):
-                ks.rate_period = int(q["period"].rstrip("s"))
+                ks.rate_period = parse_duration_s(q["period"], "period")
         elif action == "unpin":
             if q.get("parallelism", "").lower() == "true":
                 ks.pinned_parallelism = False
             if q.get("rate", "").lower() == "true":
                 ks.pinned_rate = False
-        elif action == "resetRate":
-            ks.rate_count = 0
+        elif action == "resetRate":  # the count restarts and a new period begins now
+            ks.rate_count, ks.period_start = 0, time.time()
         else:
             raise ApiError(404, f"unknown flow-control action {action}")
-    except ValueError as e:
-        raise ApiError(400, f"pin takes integer parallelism, rate and period: {e}") from e
+    except (ValueError, HeaderError) as e:
+        raise ApiError(400, f"pin takes integer parallelism and rate, and a period like 10s or 1m: {e}") from e
     await b.flow.save(ks)
     b.dispatcher.poke()
     return JSONResponse(OK)
