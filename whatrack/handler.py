@@ -116,6 +116,9 @@ class WebhookHandler:
             return _non_retryable(e.reason)
         try:
             return await self._dispatch(event)
+        except PayloadError as e:  # the store refused what can never be stored (an over-long id, a NUL in an id)
+            log.warning("[webhook] non-retryable payload: %s", e.reason)
+            return _non_retryable(e.reason)
         except StoreError as e:
             log.warning("[webhook] database unavailable, QStash will retry: %s", e)
             return _transient("database_unavailable")

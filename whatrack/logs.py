@@ -44,5 +44,5 @@ def configure(level: str | int = "INFO", secrets: Iterable[str] = ()) -> None:
     handler.addFilter(RedactingFilter(secrets))
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("httpx", "httpcore", "asyncio", "aiosqlite", "urllib3"):
+    for noisy in ("httpx", "httpcore", "asyncio", "aiosqlite", "urllib3", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
