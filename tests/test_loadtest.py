@@ -211,3 +211,73 @@ async def test_the_ledger_catches_loss_from_a_handler_that_acks_before_committin
     assert all(not e.in_dlq for e in lost)  # acknowledged: QStash believes they were delivered
     assert result.ledger.ok + result.ledger.lost == 80
 
+
+
+async def test_a_publish_without_an_answer_is_unknown_never_accepted() -> None:
+    from qstash import AsyncQStash
+
+    from whatrack.devstack.servers import free_port
+    from whatrack.evidence import Observations, classify
+    from whatrack.loadtest import close_publisher, publish_all
+    from whatrack.qstash import Publisher
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    publisher = Publisher("token", base_url=dead, destination="http://127.0.0.1:9/hook")
+    publisher._client = AsyncQStash("token", base_url=dead, retry=False)  # no SDK transport retries: fail fast
+    try:
+        sent = await publish_all(publisher, generate(5, seed=2), bar=False)
+    finally:
+        await close_publisher(publisher)
+    assert [s.outcome for s in sent] == ["unknown"] * 5 and all(s.qstash_id is None for s in sent)
+    ledger = classify(sent, Observations())
+    assert ledger.unknown == 5 and ledger.lost == 0 and ledger.ok == 0
+
+
+@pytest.mark.slow
+async def test_dlq_replay_recovers_without_duplicates(stack_env: dict[str, str]) -> None:
+    """Webhooks for an instance not registered yet go straight to the DLQ (489, non-retryable); once the instance is
+    registered, the replay stores each exactly once, and replaying the same bodies again changes nothing."""
+    from whatrack.evidence import classify, collect, dlq_items, replay_dlq, wait_until
+    from whatrack.loadtest import EndpointProcess, close_publisher, publish_all, settle
+    from whatrack.qstash import Publisher
+    from whatrack.realtime import Realtime
+    from whatrack.settings import Settings
+    from whatrack.store import Store
+
+    settings = Settings.from_env(stack_env, env_files=())
+    assert settings.database_url
+    webhooks = generate(6, seed=31, instances=1, leads=3)
+    (inst,) = instances_of(webhooks, 31, 1)
+    store, realtime, publisher = Store.from_url(settings.database_url), Realtime.from_settings(settings), \
+        Publisher.from_settings(settings)
+    try:
+        await store.upgrade()
+        with EndpointProcess(stack_env, workers=1):
+            sent = await publish_all(publisher, webhooks, bar=False)
+            pids = {w.provider_id for w in webhooks}
+
+            async def all_in_dlq() -> bool:
+                return {d.provider_id for d in await dlq_items(publisher)} >= pids
+
+            assert await wait_until(all_in_dlq, timeout=60), "the 489s did not reach the DLQ"
+            org = (await store.register_instance("dlq replay test", inst.name, inst.token,
+                                                 owner=inst.owner)).organization_id
+            before = await collect(store, realtime, publisher, sent, organization_id=org)
+            ledger = classify(sent, before)
+            assert ledger.lost == 6 and all(e.in_dlq for e in ledger.entries)
+            mine = [d for d in await dlq_items(publisher) if d.provider_id in pids]
+            replays = await replay_dlq(publisher, mine)
+            assert len(replays) == 6
+            assert await settle(store, publisher, sent, org, timeout=60) is True
+            # the same bodies once more, as a second (mistaken) replay would send them
+            again = await publish_all(publisher, webhooks, bar=False)
+            await publisher.wait_settled([s.qstash_id for s in again if s.qstash_id], timeout=60)
+            after = await collect(store, realtime, publisher, sent, organization_id=org)
+    finally:
+        await close_publisher(publisher)
+        await realtime.aclose()
+        await store.aclose()
+    ledger = classify(sent, after, replays)
+    assert ledger.recovered == 6 and ledger.duplicated == 0 and ledger.lost == 0, ledger.summary()
+    assert not [d for d in after.dlq if d.provider_id in {w.provider_id for w in webhooks}]  # deleted from the DLQ
+    assert len(after.rows) == 6 and len(after.publications) == 6

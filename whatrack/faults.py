@@ -393,7 +393,7 @@ def table(results: Sequence[ScenarioResult]) -> list[dict[str, Any]]:
 
 def _cmd(args: argparse.Namespace) -> int:
     cfg = MatrixConfig(n=args.messages, outage_s=args.outage, workers=args.workers, time_scale=args.time_scale,
-                       seed=args.seed, concurrency=args.concurrency, settle_timeout=args.settle_timeout,
+                       seed=args.seed, concurrency=args.concurrency, rate=args.rate, settle_timeout=args.settle_timeout,
                        followup_jobs=args.jobs, idle_s=args.idle, progress=False)
     chosen = [s for s in SCENARIOS if not args.only or s.name in args.only]
     unknown = set(args.only or ()) - {s.name for s in SCENARIOS}
@@ -426,6 +426,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--time-scale", type=float, default=MatrixConfig.time_scale, help="QStash backoff scale")
     p.add_argument("--seed", type=int, default=MatrixConfig.seed)
     p.add_argument("--concurrency", type=int, default=MatrixConfig.concurrency, help="publishes in flight")
+    p.add_argument("--rate", type=float, default=None, help="publishes per second (default: as fast as it goes)")
     p.add_argument("--settle-timeout", type=float, default=MatrixConfig.settle_timeout)
     p.add_argument("--jobs", type=int, default=MatrixConfig.followup_jobs, help="follow-up jobs (worker row)")
     p.add_argument("--idle", type=float, default=MatrixConfig.idle_s, help="idle window for the Redis rate (s)")
