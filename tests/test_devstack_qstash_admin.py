@@ -141,17 +141,16 @@ def test_key_rotation_keeps_old_receivers_working_until_the_second_rotation(redi
 
 
 def test_flow_control_parallelism_and_its_api(client: QStash) -> None:
-    with Receiver(hold=0.05) as rcv:
+    with Receiver(hold=0.2) as rcv:
         for i in range(4):
             client.message.publish(url=rcv.url("/fc"), body=str(i), flow_control={"key": "k1", "parallelism": 1})
-        for i in range(4):
-            client.message.publish(url=rcv.url("/free"), body=str(i))
+        client.message.batch([{"url": rcv.url("/free"), "body": str(i)} for i in range(4)])
         wait_until(lambda: len(rcv.for_path("/fc")) == 4 and len(rcv.for_path("/free")) == 4, what="8 deliveries")
         fc_max = rcv.max_active
     assert fc_max >= 2  # the unlimited ones ran side by side (this run can tell 1 from more)
     info = client.flow_control.get("k1")
     assert info.key == "k1" and info.parallelism_max == 1 and info.parallelism_count == 0
-    with Receiver(hold=0.05) as rcv2:
+    with Receiver(hold=0.2) as rcv2:
         for i in range(4):
             client.message.publish(url=rcv2.url("/fc"), body=str(i), flow_control={"key": "k2", "parallelism": 1})
         wait_until(lambda: len(rcv2.for_path("/fc")) == 4, what="4 flow-controlled deliveries")
