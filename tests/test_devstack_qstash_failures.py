@@ -24,7 +24,7 @@ from devstack_qstash_kit import (  # noqa: F401  (fixtures: broker, client, rece
 from qstash import QStash
 from qstash.log import LogState
 
-from whatrack.devstack.qstash_broker import BrokerThread
+from whatrack.devstack.qstash_broker import DEV_TOKEN, Broker, BrokerThread
 
 
 def fail_first(n_failures: int, status: int = 500) -> object:
@@ -160,3 +160,18 @@ def test_delay_not_before_and_cancel(broker: BrokerThread, client: QStash, recei
     assert client.message.cancel_all() == 1  # only d is left
     assert states(client, d.message_id)[-1] == "CANCELED"
     assert receiver.hits == []
+
+
+def test_mock_httpstatus_emulation_for_the_sdk_suite(redis_url: str) -> None:
+    """Optional (checklist 26): deliveries to mock.httpstatus.io are answered locally, as its real server would."""
+    with BrokerThread(Broker(redis_url, time_scale=TIME_SCALE, emulate_httpstatus=True)) as bt:
+        c = QStash(DEV_TOKEN, base_url=bt.url, retry=False)
+        try:
+            ok = c.message.publish(url="https://mock.httpstatus.io/200", body="x")
+            bad = c.message.publish(url="https://mock.httpstatus.io/404", body="y", retries=0)
+            wait_until(lambda: c.dlq.list(filter={"message_id": bad.message_id}).messages, what="the 404 in the DLQ")
+            (entry,) = c.dlq.list(filter={"message_id": bad.message_id}).messages
+            assert entry.response_status == 404 and entry.response_body == "404 Not Found"
+            wait_until(lambda: "DELIVERED" in states(c, ok.message_id), what="the 200")
+        finally:
+            c.http._client.close()

@@ -151,7 +151,8 @@ class Broker:
 
     def __init__(self, redis_url: str, *, token: str = DEV_TOKEN, current_key: str = DEV_CURRENT_KEY,
                  next_key: str = DEV_NEXT_KEY, time_scale: float = 1.0, prefix: str = "qstash:",
-                 redis_ca: str | None = None, concurrency: int = DEFAULT_CONCURRENCY) -> None:
+                 redis_ca: str | None = None, concurrency: int = DEFAULT_CONCURRENCY,
+                 emulate_httpstatus: bool = False) -> None:
         if time_scale <= 0:
             raise StackError(f"time_scale must be > 0 (1.0 = real QStash delays), got {time_scale}")
         self.redis_url = redis_url
@@ -159,6 +160,7 @@ class Broker:
         self.prefix = prefix
         self.time_scale = time_scale
         self.concurrency = concurrency
+        self.emulate_httpstatus = emulate_httpstatus
         self._token = Secret(token)
         self._keys = (Secret(current_key), Secret(next_key))
         self._started = False
@@ -194,7 +196,8 @@ class Broker:
         self._keys = (Secret(cur.decode()), Secret(nxt.decode()))
         self.flow = FlowControl(self.store)
         self.dispatcher = Dispatcher(self.store, self.flow, lambda: self._keys[0].reveal(),
-                                     time_scale=self.time_scale, concurrency=self.concurrency)
+                                     time_scale=self.time_scale, concurrency=self.concurrency,
+                                     emulate_httpstatus=self.emulate_httpstatus)
         await self.dispatcher.start()
         self._started = True
         log.info("qstash broker started on %s (prefix %s, time scale %g)", mask_url(self.redis_url), self.prefix,
@@ -279,6 +282,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default="qstash:", help="Redis key prefix of all broker state")
     p.add_argument("--redis-ca", help="CA bundle for a rediss:// URL")
     p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="delivery attempts in flight")
+    p.add_argument("--emulate-httpstatus", action="store_true",
+                   help="answer deliveries to mock.httpstatus.io locally (to run the qstash-py test suite offline)")
     return p
 
 
@@ -309,7 +314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         nxt = env.qstash_next_signing_key.reveal() if env.qstash_next_signing_key else args.next_key or DEV_NEXT_KEY
         logs.configure("INFO", secrets=[token, current, nxt])
         broker = Broker(args.redis_url, token=token, current_key=current, next_key=nxt, time_scale=args.time_scale,
-                        prefix=args.prefix, redis_ca=args.redis_ca, concurrency=args.concurrency)
+                        prefix=args.prefix, redis_ca=args.redis_ca, concurrency=args.concurrency,
+                        emulate_httpstatus=args.emulate_httpstatus)
     except WhatrackError as e:
         print(f"qstash broker: {e}", file=sys.stderr)
         return 2

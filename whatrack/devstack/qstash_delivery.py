@@ -17,7 +17,9 @@ import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import certifi
 import httpx
@@ -54,6 +56,24 @@ IDLE_WAIT_S = 1.0
 MAX_RESPONSE_BODY = 64 * 1024
 
 
+#: The host the official qstash-py tests deliver to; with ``emulate_httpstatus`` it is answered here, offline.
+MOCK_HTTPSTATUS = "mock.httpstatus.io"
+
+
+async def mock_httpstatus(url: str) -> Attempt:
+    """What ``https://mock.httpstatus.io/<code>[?sleep=ms]`` answers: status <code>, body "<code> <Reason>"."""
+    parts = urlsplit(url)
+    try:
+        code = int(parts.path.strip("/").split("/")[0])
+        reason = HTTPStatus(code).phrase
+    except ValueError:
+        return Attempt(404, {}, b"404 Not Found")
+    sleep_ms = parse_qs(parts.query).get("sleep", ["0"])[0]
+    if sleep_ms.isdigit():
+        await asyncio.sleep(int(sleep_ms) / 1000)
+    return Attempt(code, {"content-type": "text/plain"}, f"{code} {reason}".encode())
+
+
 @dataclass
 class Attempt:
     """What one delivery attempt produced."""
@@ -76,12 +96,13 @@ class Dispatcher:
     """Runs deliveries for one broker. ``signing_key`` is read at each attempt, so a rotation applies at once."""
 
     def __init__(self, store: Store, flow: FlowControl, signing_key: Callable[[], str], *, time_scale: float = 1.0,
-                 concurrency: int = DEFAULT_CONCURRENCY) -> None:
+                 concurrency: int = DEFAULT_CONCURRENCY, emulate_httpstatus: bool = False) -> None:
         self.store = store
         self.flow = flow
         self.signing_key = signing_key
         self.time_scale = time_scale
         self.concurrency = concurrency
+        self.emulate_httpstatus = emulate_httpstatus
         self.wake = asyncio.Event()
         self.in_flight: dict[str, asyncio.Task[None]] = {}
         self.cancel_requested: set[str] = set()
@@ -219,6 +240,8 @@ class Dispatcher:
             self.wake.set()
 
     async def _send(self, rec: Record, body: bytes) -> Attempt:
+        if self.emulate_httpstatus and urlsplit(rec["url"]).hostname == MOCK_HTTPSTATUS:
+            return await mock_httpstatus(rec["url"])
         headers = {"User-Agent": "Upstash-QStash", "Upstash-Message-Id": rec["messageId"],
                    "Upstash-Retried": str(rec.get("retried", 0))}
         for name, values in (rec.get("header") or {}).items():
