@@ -335,7 +335,8 @@ async def dlq_items(publisher: Publisher, *, destination: str | None = None) -> 
 
 async def collect(store: Any, realtime: Realtime, publisher: Publisher | None, sent: Sequence[Sent], *,
                   organization_id: int | None = None) -> Observations:
-    """Read back rows, realtime history (the channels of every row) and the DLQ.
+    """Read back rows, realtime history (the channels of every row) and the DLQ entries of the sent messages (a
+    shared QStash account's DLQ holds other traffic too: not this run's to judge).
 
     Raises:
         StoreError / PublishError: a part could not be read.
@@ -345,7 +346,7 @@ async def collect(store: Any, realtime: Realtime, publisher: Publisher | None, s
     from whatrack.store_rows import channel
 
     pubs = await history_publications(realtime, {channel(r.conversation_id) for r in rows})
-    dlq = await dlq_items(publisher) if publisher is not None else []
+    dlq = [d for d in await dlq_items(publisher) if d.provider_id in pids] if publisher is not None else []
     return Observations(rows=tuple(rows), publications=tuple(pubs), dlq=tuple(dlq))
 
 
