@@ -28,11 +28,11 @@ def test_copy_then_verify_is_clean(mig: Pair, mode: str, tmp_path: Path) -> None
     _fill(mig)
     rep = copy(mig.source_url, mig.target_url, mode=mode, ca_bundle=mig.ca, checkpoint_path=tmp_path / "ck.json",
                active_wait_s=0.1, progress=False)
-    assert rep.mode == mode and rep.copied == rep.scanned and rep.per_db[3] == 41
+    assert rep.mode == mode and rep.copied + rep.vanished == rep.scanned and rep.per_db[3] == 41
     assert rep.active_left == {QUEUE: 2}
     v = verify(mig.source_url, mig.target_url, ca_bundle=mig.ca)
     assert v.ok, v.verdict
-    total = source_key_count(mig)
+    total = source_key_count(mig)  # after the verify: keys may only have expired since (see test_migration_big)
     # SCAN may return a key twice while a table rehashes: counts are at least the key count, never less
     assert v.jobs == 600 and v.source_keys >= total and v.target_keys >= total
     with clients(mig) as (s, t):

@@ -18,6 +18,7 @@ JOBS = 100_000
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # ~2 min on an idle 2-core machine; the default 300 s is too tight when it is shared
 def test_100k_jobs_copy_and_verify_both_paths(_mig_pair: Pair, tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     pair = _mig_pair
@@ -30,7 +31,6 @@ def test_100k_jobs_copy_and_verify_both_paths(_mig_pair: Pair, tmp_path: Path,
     assert sum(counts.values()) == JOBS
     for state in ("wait", "active", "delayed", "prioritized", "completed", "failed", "waiting-children"):
         assert counts[state] > 0, state
-    total = source_key_count(pair)
     timings = {"create 100k jobs": made_s}
     for mode in ("dump", "logical"):
         flush_target(pair)
@@ -38,13 +38,16 @@ def test_100k_jobs_copy_and_verify_both_paths(_mig_pair: Pair, tmp_path: Path,
         rep = copy(pair.source_url, pair.target_url, mode=mode, ca_bundle=pair.ca, active_wait_s=0,
                    checkpoint_path=tmp_path / f"{mode}.json", progress=False)
         timings[f"copy {mode}"] = time.perf_counter() - t
-        assert rep.mode == mode and rep.fallbacks == 0 and rep.copied == rep.scanned > JOBS
+        assert rep.mode == mode and rep.fallbacks == 0 and rep.copied + rep.vanished == rep.scanned > JOBS
         t = time.perf_counter()
         v = verify(pair.source_url, pair.target_url, ca_bundle=pair.ca)
         timings[f"verify after {mode}"] = time.perf_counter() - t
         assert v.ok, v.verdict
         assert v.counts == dict.fromkeys(v.counts, 0) and v.jobs == JOBS
-        assert v.source_keys >= total and v.target_keys >= total  # SCAN may repeat a key, never skip one
+        # counted after the verify: keys only expire meanwhile (the worker's stalled-check has a 30 s PX), and SCAN
+        # may repeat a key but never skips one present throughout
+        total = source_key_count(pair)
+        assert v.source_keys >= total and v.target_keys >= total
     with capsys.disabled():
         print("\n" + ", ".join(f"{k} {s:.1f} s" for k, s in timings.items()))
 

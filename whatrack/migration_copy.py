@@ -68,7 +68,9 @@ def copy_batch(src: redis.Redis, dst: redis.Redis, pairs: Sequence[tuple[bytes, 
         for k in src_keys:
             pipe.pttl(k)
             pipe.dump(k)
+        read_at = time.monotonic()
         raw = pipe.execute()
+        spent = _ms_since(read_at)
         wpipe = dst.pipeline(transaction=False)
         restored: list[int] = []
         for i, (_s, d) in enumerate(pairs):
@@ -76,7 +78,8 @@ def copy_batch(src: redis.Redis, dst: redis.Redis, pairs: Sequence[tuple[bytes, 
             if pttl == -2 or payload is None:
                 res.vanished += 1
                 continue
-            wpipe.restore(d, max(pttl, 0), payload, replace=True)
+            # a TTL read earlier has run down since: subtract the time spent, so the deadline stays absolute
+            wpipe.restore(d, _remaining(pttl, spent), payload, replace=True)
             restored.append(i)
         for i, r in zip(restored, wpipe.execute(raise_on_error=False), strict=True):
             if isinstance(r, Exception):
@@ -88,6 +91,7 @@ def copy_batch(src: redis.Redis, dst: redis.Redis, pairs: Sequence[tuple[bytes, 
         logical = list(range(len(pairs)))
     if logical:
         keys = [src_keys[i] for i in logical]
+        read_at = time.monotonic()
         meta = read_types(src, keys)
         values = read_values(src, keys, meta)
         wpipe = dst.pipeline(transaction=True)  # MULTI/EXEC: the batch's RENAMEs land together or not at all
@@ -95,13 +99,22 @@ def copy_batch(src: redis.Redis, dst: redis.Redis, pairs: Sequence[tuple[bytes, 
             if kv is None or pttl == -2:
                 res.vanished += 1
                 continue
-            write_value(wpipe, dst, pairs[i][1], kv, pttl)
+            write_value(wpipe, dst, pairs[i][1], kv, pttl, read_at)
             res.copied += 1
         try:
             wpipe.execute()
         except redis.ResponseError as e:
             raise MigrationError(f"the target refused a logical write: {e}") from e
     return res
+
+
+def _ms_since(t: float) -> int:
+    return int((time.monotonic() - t) * 1000)
+
+
+def _remaining(pttl: int, spent_ms: int) -> int:
+    """The TTL to give the copy: none (0) for a key without one, else what is left, at least 1 ms."""
+    return 0 if pttl < 0 else max(1, pttl - spent_ms)
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -54,8 +55,35 @@ def _text(x: Any) -> str:
     return x.decode() if isinstance(x, bytes) else str(x)
 
 
+_META = r"""
+local len = {string = 'STRLEN', list = 'LLEN', set = 'SCARD', zset = 'ZCARD', hash = 'HLEN', stream = 'XLEN'}
+local out = {}
+for i, k in ipairs(KEYS) do
+  local t = redis.call('TYPE', k)['ok']
+  local n = len[t] and redis.call(len[t], k) or 0
+  out[i] = t .. ' ' .. redis.call('PTTL', k) .. ' ' .. n
+end
+return table.concat(out, '\n')
+"""
+
+
 def read_types(client: redis.Redis, keys: Sequence[bytes]) -> list[tuple[str, int, int]]:
-    """(type, pttl, length) of each key in one pipeline; type ``none`` for a key that is gone."""
+    """(type, pttl, length) of each key from one script call (one bulk reply: cheap to parse); type ``none`` for a
+    key that is gone. Falls back to pipelined commands where scripting is refused."""
+    if not keys:
+        return []
+    try:
+        reply: Any = client.eval(_META, len(keys), *keys)
+    except redis.ResponseError:
+        return _read_types_pipelined(client, keys)
+    rows = []
+    for line in _text(reply).split("\n"):
+        t, pttl, n = line.split(" ")
+        rows.append((t, int(pttl), int(n)))
+    return rows
+
+
+def _read_types_pipelined(client: redis.Redis, keys: Sequence[bytes]) -> list[tuple[str, int, int]]:
     pipe = client.pipeline(transaction=False)
     for k in keys:
         pipe.type(k)
@@ -213,8 +241,10 @@ def tmp_key() -> bytes:
     return TMP_PREFIX + uuid.uuid4().hex.encode()
 
 
-def write_value(pipe: Any, client: redis.Redis, key: bytes, kv: KeyValue, pttl: int) -> None:
-    """Queue on ``pipe`` the commands that make ``key`` hold ``kv`` with ``pttl`` ms to live (<= 0: none).
+def write_value(pipe: Any, client: redis.Redis, key: bytes, kv: KeyValue, pttl: int,
+                read_at: float | None = None) -> None:
+    """Queue on ``pipe`` the commands that make ``key`` hold ``kv`` with ``pttl`` ms to live (<= 0: none), less
+    the time since ``read_at`` (``time.monotonic()`` when the TTL was read), so the deadline does not move.
 
     The value is built under a temp key and RENAMEd over ``key``: a re-run replaces, never appends. A value larger
     than one chunk is built on ``client`` directly, chunk by chunk, before the RENAME is queued.
@@ -246,7 +276,8 @@ def write_value(pipe: Any, client: redis.Redis, key: bytes, kv: KeyValue, pttl: 
         raise MigrationError(f"cannot copy a key of type {kv.type!r}")
     pipe.rename(tmp, key)
     if pttl > 0:
-        pipe.pexpire(key, pttl)
+        spent = int((time.monotonic() - read_at) * 1000) if read_at is not None else 0
+        pipe.pexpire(key, max(1, pttl - spent))
 
 
 def _size(kv: KeyValue) -> int:
