@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -132,6 +134,21 @@ def start_server(kind: str, db_url: str, cent_url: str) -> tuple[subprocess.Pope
     return proc, port
 
 
+@contextlib.contextmanager
+def centrifugo_process(tmp: Path) -> Iterator[str]:
+    """The devstack's Centrifugo stand-in as its own process (history in a Redis of its own)."""
+    with servers.RedisServer(tmp / "cent-redis") as redis_server:
+        port = servers.free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "whatrack.devstack.centrifugo", "--port", str(port),
+                                 "--redis-url", redis_server.url], env={**os.environ, "CENTRIFUGO_API_KEY": CENT_KEY})
+        try:
+            servers.wait_for_port("127.0.0.1", port, timeout=30)
+            yield f"http://127.0.0.1:{port}/api"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("-n", type=int, default=3000)
@@ -149,7 +166,6 @@ def main() -> None:
 
     import psycopg
 
-    from whatrack.devstack.centrifugo import running_centrifugo
     from whatrack.store import Store
 
     admin = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -173,7 +189,7 @@ def main() -> None:
             await store.aclose()
 
         asyncio.run(prepare())
-        with running_centrifugo(api_key=CENT_KEY) as cent_url:
+        with centrifugo_process(tmp) as cent_url:
             results = {}
             for kind in ("bare", "full"):
                 proc, port = start_server(kind, db_url, cent_url)
