@@ -216,7 +216,10 @@ class Publisher:
                 except Exception as e:
                     raise PublishError(f"QStash events could not be read: {_safe(e)}") from e
                 for ev in res.logs:
-                    if ev.message_id not in latest or ev.time >= latest[ev.message_id][0]:
+                    prev = latest.get(ev.message_id)
+                    # Newest wins; within the same millisecond a settled state wins (a broker writes ERROR and
+                    # FAILED in one step, and lists newest first).
+                    if prev is None or ev.time > prev[0] or (ev.time == prev[0] and ev.state.value in SETTLED_STATES):
                         latest[ev.message_id] = (ev.time, ev.state.value)
                 cursor = res.cursor
                 if not cursor or not res.logs:
