@@ -427,7 +427,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _cmd_rules(args: argparse.Namespace) -> int:
     for r in default_rules():
-        print(f"{r.name:<20} {r.severity:<8} > {r.threshold:g} {r.unit:<9} {r.description}")
+        limit = f"> {r.threshold:g} {r.unit}"
+        print(f"{r.name:<20} {r.severity:<8} {limit:<16} {r.description}")
     return 0
 
 
