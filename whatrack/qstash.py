@@ -237,6 +237,10 @@ class Publisher:
                 return states
             await asyncio.sleep(0.1)
 
+    async def aclose(self) -> None:
+        """Close the SDK's HTTP connections (the SDK itself has no close method)."""
+        await self._client.http._client.aclose()
+
     @property
     def client(self) -> AsyncQStash:
         """The underlying official client (events, DLQ, keys) for notebooks and the ledger."""

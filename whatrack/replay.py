@@ -135,6 +135,7 @@ async def replay(settings: Settings, paths: Sequence[Path] | None = None, *, tim
         log.info("replayed %d bodies in %.2f s", len(out), time.perf_counter() - started)
         return out
     finally:
+        await publisher.aclose()
         await store.aclose()
 
 
