@@ -79,7 +79,7 @@ def _cmd_inventory(args: argparse.Namespace) -> int:
 def _cmd_copy(args: argparse.Namespace) -> int:
     source, target, ca = _urls()
     rep = copy(source, target, mode=args.mode, checkpoint_path=args.checkpoint, dry_run=args.dry_run,
-               batch=args.batch, db_prefix_map=_db_map(args.db_prefix), pause_queues_first=not args.no_pause,
+               batch=args.batch, db_prefix_map=_db_map(args.db_prefix), pause_queues=not args.no_pause,
                active_wait_s=args.active_wait, progress=not args.no_progress, ca_bundle=ca)
     print(rep.verdict)
     if not args.dry_run and rep.queues:

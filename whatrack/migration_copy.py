@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import redis
 
-from whatrack import redis_tcp
+from whatrack import migration_queues, redis_tcp
 from whatrack.errors import MigrationError
 from whatrack.migration_keys import (
     BULL_PREFIX,
@@ -32,8 +32,8 @@ from whatrack.migration_keys import (
     with_db,
 )
 from whatrack.migration_probe import probe
-from whatrack.migration_queues import find_queues, pause_queues, scan_batches, source_databases, wait_for_active
-from whatrack.migration_values import read_types, read_values, write_value
+from whatrack.migration_queues import find_queues, scan_batches, source_databases, wait_for_active
+from whatrack.migration_values import queue_ttls, read_types, read_values, write_value
 from whatrack.settings import mask_url
 
 log = logging.getLogger("whatrack.migration_copy")
@@ -95,12 +95,15 @@ def copy_batch(src: redis.Redis, dst: redis.Redis, pairs: Sequence[tuple[bytes, 
         meta = read_types(src, keys)
         values = read_values(src, keys, meta)
         wpipe = dst.pipeline(transaction=True)  # MULTI/EXEC: the batch's RENAMEs land together or not at all
+        ttls: list[tuple[bytes, int]] = []
         for i, kv, (_t, pttl, _n) in zip(logical, values, meta, strict=True):
             if kv is None or pttl == -2:
                 res.vanished += 1
                 continue
-            write_value(wpipe, dst, pairs[i][1], kv, pttl, read_at)
+            write_value(wpipe, dst, pairs[i][1], kv)
+            ttls.append((pairs[i][1], pttl))
             res.copied += 1
+        queue_ttls(wpipe, ttls, read_at)
         try:
             wpipe.execute()
         except redis.ResponseError as e:
@@ -201,7 +204,7 @@ def choose_mode(source_url: str, target_url: str, mode: Mode, ca_bundle: str | N
 
 def copy(source_url: str, target_url: str, *, mode: Mode = "auto", checkpoint_path: str | Path | None = None,
          dry_run: bool = False, batch: int = 500, db_prefix_map: dict[int, str] | None = None,
-         pause_queues_first: bool = True, active_wait_s: float = 30.0, progress: bool = True,
+         pause_queues: bool = True, active_wait_s: float = 30.0, progress: bool = True,
          ca_bundle: str | None = None, prefix: str = BULL_PREFIX) -> CopyReport:
     """Copy every key of the source (all its databases) to the target's database.
 
@@ -225,8 +228,8 @@ def copy(source_url: str, target_url: str, *, mode: Mode = "auto", checkpoint_pa
         active_left: dict[str, int] = {}
         if not resumed:
             ck = None
-        if not dry_run and pause_queues_first and queues:
-            pause_queues(source_url, queues, ca_bundle=ca_bundle, prefix=prefix)
+        if not dry_run and pause_queues and queues:
+            migration_queues.pause_queues(source_url, queues, ca_bundle=ca_bundle, prefix=prefix)
             active_left = wait_for_active(src, queues, active_wait_s, prefix)
         if ck is None:
             ck = Checkpoint(source=mask_url(source_url) or "", target=mask_url(target_url) or "", mode=chosen,

@@ -241,10 +241,9 @@ def tmp_key() -> bytes:
     return TMP_PREFIX + uuid.uuid4().hex.encode()
 
 
-def write_value(pipe: Any, client: redis.Redis, key: bytes, kv: KeyValue, pttl: int,
-                read_at: float | None = None) -> None:
-    """Queue on ``pipe`` the commands that make ``key`` hold ``kv`` with ``pttl`` ms to live (<= 0: none), less
-    the time since ``read_at`` (``time.monotonic()`` when the TTL was read), so the deadline does not move.
+def write_value(pipe: Any, client: redis.Redis, key: bytes, kv: KeyValue) -> None:
+    """Queue on ``pipe`` the commands that make ``key`` hold ``kv`` (the caller queues the TTL afterwards, see
+    :func:`queue_ttls`).
 
     The value is built under a temp key and RENAMEd over ``key``: a re-run replaces, never appends. A value larger
     than one chunk is built on ``client`` directly, chunk by chunk, before the RENAME is queued.
@@ -275,9 +274,16 @@ def write_value(pipe: Any, client: redis.Redis, key: bytes, kv: KeyValue, pttl: 
     else:
         raise MigrationError(f"cannot copy a key of type {kv.type!r}")
     pipe.rename(tmp, key)
-    if pttl > 0:
-        spent = int((time.monotonic() - read_at) * 1000) if read_at is not None else 0
-        pipe.pexpire(key, max(1, pttl - spent))
+
+
+def queue_ttls(pipe: Any, ttls: Sequence[tuple[bytes, int]], read_at: float) -> None:
+    """Queue PEXPIRE for each (key, pttl read at ``read_at``) with the time spent since subtracted, so the deadline
+    stays where it was on the source; called last, right before the pipeline runs (writing a big key first can
+    take seconds)."""
+    spent = int((time.monotonic() - read_at) * 1000)
+    for key, pttl in ttls:
+        if pttl > 0:
+            pipe.pexpire(key, max(1, pttl - spent))
 
 
 def _size(kv: KeyValue) -> int:
