@@ -14,7 +14,7 @@ from bullmq import Job, Queue
 from followups_support import RealtimeForTests, StoreForTests, UazapiClientForTests, UazapiStandIn
 
 from whatrack.devstack import servers
-from whatrack.followups import JOB_NAME, FollowupJob, open_queue
+from whatrack.followups import JOB_NAME, FollowupJob, open_queue, pooled_client
 from whatrack.followups_worker import FollowupWorker, WorkerContext, process_followup
 
 ORG, INST, LEAD, PHONE = 1, 2, 3, "5511988887777"
@@ -55,17 +55,16 @@ async def ctx(redis_url: str, uazapi: UazapiStandIn) -> AsyncIterator[WorkerCont
 async def running(url: str, processor: Callable[[Job], Awaitable[Any]], ctx: WorkerContext | None = None,
                   **kw: Any) -> AsyncIterator[FollowupWorker]:
     fw = FollowupWorker(url, processor, **kw)
-    errors: list[tuple[object, ...]] = []
-    fw.worker.on("error", lambda *a: errors.append(a))
-    fw.errors = errors  # type: ignore[attr-defined]  (read by tests that expect none)
+    own = None
     if ctx is not None and ctx.redis is None:
-        ctx.redis = fw.client
+        own = ctx.redis = pooled_client(url, max_connections=64)  # as serve() does: not the worker's pool
     await fw.start()
     try:
         yield fw
     finally:
         await fw.close(timeout=10)
-        if ctx is not None:
+        if own is not None and ctx is not None:
+            await own.aclose()
             ctx.redis = None
 
 

@@ -63,6 +63,9 @@ log = logging.getLogger("whatrack.followups_worker")
 TRACK_SOURCE = "whatrack-followup"
 #: Seconds a graceful shutdown waits for running jobs before it forces the close (below Kubernetes' 30 s default).
 SHUTDOWN_GRACE_S = 25.0
+_LOCK_RACE = "could not renew lock for job "
+#: How long a failed renewal waits for the job's completion reply before it counts as a lost lock.
+LOCK_RACE_GRACE_S = 1.0
 #: Pooled connections beyond one per running job: the blocking wait, moveToActive, lock renewal, stalled check.
 POOL_SPARE = 6
 
@@ -344,6 +347,9 @@ class FollowupWorker:
         self.worker = _Worker(queue_name, run_job, opts)
         self.worker.on("failed", self._on_failed)
         self.worker.on("error", self._on_error)
+        #: The worker's errors (not job failures), for health checks and tests; benign races are left out.
+        self.errors: list[Exception] = []
+        self._judging: set[asyncio.Future[None]] = set()
         self._task: asyncio.Future[Any] | None = None
 
     @staticmethod
@@ -351,9 +357,26 @@ class FollowupWorker:
         final = isinstance(err, UnrecoverableError) or job.attemptsMade >= int(job.opts.get("attempts") or 1)
         log.warning("follow-up %s %s: %s", job.id, "failed" if final else "will be retried", err)
 
-    @staticmethod
-    def _on_error(err: Exception, *_: object) -> None:
+    def _on_error(self, err: Exception, *_: object) -> None:
+        text = str(err)
+        if text.startswith(_LOCK_RACE):
+            # The renewal often races a completion: the script that completed the job (and dropped its lock) ran
+            # first, and its reply is still on the way. Judge once that reply has had time to land.
+            task = asyncio.ensure_future(self._judge_lock_failure(err, text.removeprefix(_LOCK_RACE)))
+            self._judging.add(task)
+            task.add_done_callback(self._judging.discard)
+            return
         log.error("worker error: %s: %s", type(err).__name__, err)
+        self.errors.append(err)
+
+    async def _judge_lock_failure(self, err: Exception, job_id: str) -> None:
+        await asyncio.sleep(LOCK_RACE_GRACE_S)
+        if job_id not in self.worker.lockManager.tracked_jobs:
+            log.debug("lock renewal raced the completion of job %s", job_id)
+            return
+        log.warning("job %s lost its lock while running: another worker may run it too (sends stay idempotent)",
+                    job_id)
+        self.errors.append(err)
 
     async def start(self) -> None:
         """Read the server version (whole-second waits otherwise), check for stalled jobs, start taking jobs."""
@@ -379,8 +402,14 @@ class FollowupWorker:
         them: they stay active under their lock and come back to a worker through stalled recovery."""
         closing = asyncio.ensure_future(self.worker.close())
         done = False
-        if not force:
-            done = (await asyncio.wait({closing}, timeout=timeout))[0] != set()
+        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
+        while not force and not done and time.monotonic() < deadline:
+            # A fetch that started its blocking wait just after close() cancelled the current one would hold the
+            # close for up to drainDelay (10 s): cancel any wait that appears while closing.
+            waiting = self.worker.waiting
+            if waiting is not None and not waiting.done():
+                waiting.cancel()
+            done = (await asyncio.wait({closing}, timeout=0.05))[0] != set()
         if not done:
             log.warning("forcing the close: %d running job(s) come back through stalled recovery",
                         len(self.worker.processing))
@@ -394,6 +423,8 @@ class FollowupWorker:
                 pass
             except Exception as e:  # the run loop tripped over the connections close() just closed
                 log.debug("worker run loop ended with %s during close", type(e).__name__)
+        if self._judging:
+            await asyncio.wait(set(self._judging))
 
 
 async def serve(url: str, ctx: WorkerContext, *, ca_bundle: str | None = None,
@@ -414,7 +445,9 @@ async def serve(url: str, ctx: WorkerContext, *, ca_bundle: str | None = None,
         loop.add_signal_handler(sig, on_signal, sig)
     fw = FollowupWorker(url, lambda job: process_followup(ctx, job), ca_bundle=ca_bundle, concurrency=concurrency)
     if ctx.redis is None:
-        ctx.redis = fw.client
+        # Jobs get a pool of their own: on the worker's, they could hold back its lock renewals.
+        ctx.redis = pooled_client(url, ca_bundle=ca_bundle, max_connections=concurrency + 2)
+        ctx.closers.append(ctx.redis.aclose)
     try:
         await fw.start()
         stopper = asyncio.ensure_future(stop.wait())
