@@ -238,7 +238,7 @@ async def test_dlq_replay_recovers_without_duplicates(stack_env: dict[str, str])
     """Webhooks for an instance not registered yet go straight to the DLQ (489, non-retryable); once the instance is
     registered, the replay stores each exactly once, and replaying the same bodies again changes nothing."""
     from whatrack.evidence import classify, collect, dlq_items, replay_dlq, wait_until
-    from whatrack.loadtest import EndpointProcess, close_publisher, latest_states, publish_all, settle
+    from whatrack.loadtest import EndpointProcess, close_publisher, publish_all, settle
     from whatrack.qstash import Publisher
     from whatrack.realtime import Realtime
     from whatrack.settings import Settings
@@ -273,7 +273,7 @@ async def test_dlq_replay_recovers_without_duplicates(stack_env: dict[str, str])
             again = [s.qstash_id for s in await publish_all(publisher, webhooks, bar=False) if s.qstash_id]
 
             async def delivered() -> bool:
-                return set((await latest_states(publisher, again)).values()) == {"DELIVERED"}
+                return set((await publisher.states(again)).values()) == {"DELIVERED"}
 
             assert await wait_until(delivered, timeout=60)
             after = await collect(store, realtime, publisher, sent, organization_id=org)

@@ -102,7 +102,8 @@ class LoadResult:
 
 class EndpointProcess:
     """The endpoint as a subprocess in its own session (so SIGKILL reaches every worker): uvicorn with the factory
-    ``whatrack serve`` uses (``whatrack.app:app_from_env``) and K worker processes.
+    ``whatrack serve`` uses (``whatrack.app:app_from_env``) and K worker processes. (``whatrack serve`` itself
+    builds the handler outside an event loop before starting uvicorn, which ``cent``'s aiohttp session refuses.)
 
     Args:
         env: the settings (e.g. the stack's env); the parent's whatrack settings are not inherited.
@@ -190,7 +191,11 @@ class EndpointProcess:
         self._cwd.cleanup()
 
     def __enter__(self) -> EndpointProcess:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -273,34 +278,6 @@ async def retry_count(publisher: Publisher, since_ms: int) -> int:
 
 # -- settling -----------------------------------------------------------------------------------------------------
 
-async def latest_states(publisher: Publisher, message_ids: Sequence[str]) -> dict[str, str]:
-    """The latest QStash event state per message id. On a tie in time (ERROR and FAILED logged in the same
-    millisecond, as a non-retryable 489 or a last failed attempt does) the terminal state wins.
-
-    Raises:
-        PublishError: QStash could not be asked.
-    """
-    from qstash.log import LogFilter
-
-    latest: dict[str, tuple[int, bool, str]] = {}
-    for i in range(0, len(message_ids), 100):
-        chunk = list(message_ids[i:i + 100])
-        cursor: str | None = None
-        while True:
-            try:
-                res = await publisher.client.log.list(cursor=cursor, count=1000, filter=LogFilter(message_ids=chunk))
-            except Exception as e:
-                raise PublishError(f"QStash events could not be read: {type(e).__name__}") from e
-            for ev in res.logs:
-                key = (ev.time, ev.state.value in SETTLED_STATES, ev.state.value)
-                if ev.message_id not in latest or key[:2] > latest[ev.message_id][:2]:
-                    latest[ev.message_id] = key
-            cursor = res.cursor
-            if not cursor or not res.logs:
-                break
-    return {k: v[2] for k, v in latest.items()}
-
-
 async def settle(store: Any, publisher: Publisher, sent: Sequence[Sent], organization_id: int, *,
                  timeout: float) -> bool:
     """Wait until every accepted message is stored and published, or until QStash has settled the rest (FAILED: in
@@ -319,7 +296,7 @@ async def settle(store: Any, publisher: Publisher, sent: Sequence[Sent], organiz
         if len(done) != last_count:
             last_count, last_change = len(done), now
         elif now - last_change > STALL_CHECK_S:
-            states = await latest_states(publisher, [m for m in missing if m])
+            states = await publisher.states([m for m in missing if m])
             if all(states.get(m) in SETTLED_STATES for m in missing if m):
                 log.info("[loadtest] %d messages settled by QStash without arriving (%s)", len(missing),
                          dict(Counter(states.get(m) for m in missing)))
