@@ -131,8 +131,3 @@ def source_databases(client: redis.Redis, fallback: int) -> list[int]:
         return [fallback]
     dbs = sorted(int(str(k)[2:]) for k in info if str(k).startswith("db"))
     return [fallback, *(d for d in dbs if d != fallback)]
-
-
-def require(ok: bool, message: str) -> None:
-    if not ok:
-        raise MigrationError(message)
