@@ -105,7 +105,7 @@ async def python_run(url: str, n: int, concurrency: int, *, pooled: bool) -> flo
 
 def node_args(url: str, mode: str, n: int, concurrency: int) -> list[str]:
     return ["node", str(NODE_BENCH), url, mode, str(n), str(concurrency), str(LOCK_DURATION_MS),
-            str(STALLED_INTERVAL_MS), str(DRAIN_DELAY_S * 1000)]
+            str(STALLED_INTERVAL_MS), str(DRAIN_DELAY_S)]  # Node takes drainDelay in seconds
 
 
 def node_run(url: str, n: int, concurrency: int) -> float:

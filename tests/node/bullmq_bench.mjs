@@ -9,7 +9,7 @@ const [url, mode, nArg, cArg, lockArg, stalledArg, drainArg] = process.argv.slic
 const connection = new IORedis(url, { maxRetriesPerRequest: null });
 const opts = {
   connection, concurrency: Number(cArg), lockDuration: Number(lockArg), stalledInterval: Number(stalledArg),
-  drainDelay: Number(drainArg),
+  drainDelay: Number(drainArg), // seconds
 };
 const t0 = process.hrtime.bigint();
 const worker = new Worker('followup', async () => null, opts);
