@@ -33,7 +33,7 @@ bench: setup
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 audit: setup
-	$(BIN)/pip-audit --skip-editable
+	$(BIN)/pip-audit --skip-editable --strict
 
 clean:
 	rm -rf $(VENV) node_modules runs/.stack

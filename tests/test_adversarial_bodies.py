@@ -32,10 +32,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import text
 
-from whatrack import uazapi
 from whatrack.app import MAX_BODY_BYTES
 from whatrack.devstack import servers
-from whatrack.errors import PayloadError
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -268,33 +266,15 @@ class _Failures(logging.Handler):
 FAILURES = _Failures()
 
 
-UNRESOLVABLE_BUG = ("product bug: an instance name holding a NUL gives 503 (psycopg DataError in Store.find_instance "
-                    "becomes StoreError), and an instance name or token holding a lone surrogate gives 500 "
-                    "(UnicodeEncodeError in WebhookHandler._instance / the query): QStash retries a delivery that can "
-                    "never resolve; it should be 489 unknown_instance")
-
-
-def _known_bug(body: bytes) -> bool:
-    """Whether a 5xx is the known bug above: the body names its instance with an unstorable character."""
-    try:
-        source = uazapi.normalize(uazapi.parse_body(body)).source
-    except PayloadError:
-        return False
-    return any(v is not None and UNSTORABLE.search(v) for v in (source.instance_name, source.token))
-
-
 def _judge(kind: str, results: list[tuple[bytes, int, dict[str, Any], dict[str, str]]]) -> None:
     """The contract for one batch: 2xx with a known outcome, 489 with the non-retryable header, or another 4xx (not
     401: every body here is signed). Never a 5xx: for a body, that is QStash retrying what can never succeed."""
     failures, FAILURES.seen = FAILURES.seen, []
     fivexx = [(status, answer, body[:300]) for body, status, answer, _ in results
-              if status >= 500 and not _known_bug(body)]
+              if status >= 500]
     assert not fivexx, (fivexx, failures)
     for body, status, answer, headers in results:
         h = {k.lower(): v for k, v in headers.items()}
-        if status >= 500:  # only the known bug gets here (test_unstorable_instance_names_are_non_retryable, xfail)
-            TALLY[f"{kind} KNOWN-BUG {status} {answer.get('error')}"] += 1
-            continue
         TALLY[f"{kind} {status} {answer.get('status') or answer.get('error')}"] += 1
         if status == 489:
             assert h.get("upstash-nonretryable-error") == "true"
@@ -393,7 +373,6 @@ async def test_store_refusals_are_non_retryable(ep: Endpoint) -> None:
     assert statuses == {name: (489, "true") for name in cases}
 
 
-@pytest.mark.xfail(strict=True, reason=UNRESOLVABLE_BUG)
 async def test_unstorable_instance_names_are_non_retryable(ep: Endpoint) -> None:
     """Found by the mutated-fixture fuzzing. Fix: Store.find_instance returns None for a name or token holding a NUL
     or a lone surrogate (store_rows' unstorable set), and WebhookHandler._instance hashes the token with

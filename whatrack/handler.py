@@ -152,7 +152,7 @@ class WebhookHandler:
     async def _instance(self, name: str | None, token: str | None) -> InstanceRef | None:
         if not token:
             return None
-        key = (name, hashlib.sha256(token.encode()).hexdigest())
+        key = (name, hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest())
         hit = self._instances.get(key)
         now = time.monotonic()
         if hit and now - hit[0] < INSTANCE_CACHE_TTL_S:

@@ -161,6 +161,8 @@ class Store:
         """The instance whose token is ``token`` (and whose name is ``instance_name`` when given), else None."""
         if not token:
             return None
+        if rows._UNSTORABLE.search(token) or (instance_name and rows._UNSTORABLE.search(instance_name)):
+            return None  # no stored instance can hold a NUL or a lone surrogate: unknown, not a database error
         digest = rows.token_hash(token)
         q = select(Instance.id, Instance.organization_id, Instance.name, Instance.token_hash)
         q = q.where(Instance.name == instance_name) if instance_name else q.where(Instance.token_hash == digest)
