@@ -80,3 +80,15 @@ def test_dotenv_is_read_and_environment_wins(tmp_path: Path) -> None:
 def test_mask_url() -> None:
     assert mask_url("rediss://default:pw@h:6379/0") == f"rediss://default:{MASK}@h:6379/0"
     assert mask_url("redis://127.0.0.1:6379") == "redis://127.0.0.1:6379"
+
+
+def test_instance_tokens_are_per_instance_and_masked() -> None:
+    s = Settings.from_env({"UAZAPI_INSTANCE_TOKENS": "sales:tok-aaa, support:tok-bbb"})
+    assert s.instance_token("support") == "tok-bbb"
+    assert {"tok-aaa", "tok-bbb"} <= set(s.secret_values())
+    assert "tok-aaa" not in repr(s) and s.masked()["UAZAPI_INSTANCE_TOKENS"] == f"sales:{MASK},support:{MASK}"
+    with pytest.raises(ConfigError) as e:
+        s.instance_token("other")
+    assert e.value.variable == "UAZAPI_INSTANCE_TOKENS" and "tok-" not in str(e.value)
+    with pytest.raises(ConfigError):
+        Settings.from_env({"UAZAPI_INSTANCE_TOKENS": "no-colon-here"})

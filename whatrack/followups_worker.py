@@ -391,20 +391,36 @@ async def default_context(settings: Settings) -> WorkerContext:
     Raises:
         ConfigError: a setting the worker needs is missing.
     """
-    settings.require("DATABASE_URL", "UAZAPI_BASE_URL", "UAZAPI_ADMIN_TOKEN", "CENTRIFUGO_API_URL",
+    settings.require("DATABASE_URL", "UAZAPI_BASE_URL", "UAZAPI_INSTANCE_TOKENS", "CENTRIFUGO_API_URL",
                      "CENTRIFUGO_API_KEY")
     from whatrack import realtime, store, uazapi_send
 
-    assert settings.database_url and settings.uazapi_base_url and settings.uazapi_admin_token
+    assert settings.database_url and settings.uazapi_base_url
+    base_url = settings.uazapi_base_url
     st = store.Store.from_url(settings.database_url)
     rt = realtime.Realtime.from_settings(settings)
-    # One client for every instance until the store hands out instance tokens (see WorkerContext.uazapi_for).
-    ua = uazapi_send.UazapiClient(settings.uazapi_base_url, settings.uazapi_admin_token.reveal())
+    # UAZAPI's /send/text authenticates with the sending instance's own token (never the admin token): one client
+    # per instance, built on first use from UAZAPI_INSTANCE_TOKENS.
+    clients: dict[str, uazapi_send.UazapiClient] = {}
+
+    async def uazapi_for(inst: Any) -> Sender:
+        client = clients.get(inst.name)
+        if client is None:
+            client = clients[inst.name] = uazapi_send.UazapiClient(base_url, settings.instance_token(inst.name))
+        return client
+
+    async def close_clients() -> None:
+        for c in clients.values():
+            await c.aclose()
+
+    first = settings.uazapi_instance_tokens[0][0]
+    ua = uazapi_send.UazapiClient(base_url, settings.instance_token(first))
     if not hasattr(st, "get_instance"):
         await st.aclose()
         raise StackError("whatrack.store.Store has no get_instance(instance_id) -> InstanceRef | None, which the "
                          "follow-up worker needs to find the sending instance")
-    ctx = WorkerContext(store=cast(FollowupStore, st), uazapi=ua, realtime=rt)
+    ctx = WorkerContext(store=cast(FollowupStore, st), uazapi=ua, realtime=rt, uazapi_for=uazapi_for)
+    ctx.closers.append(close_clients)
     for part in (st, rt, ua):
         closer = getattr(part, "aclose", None)
         if closer is not None:

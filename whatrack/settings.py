@@ -104,6 +104,7 @@ class Settings:
     centrifugo_api_key: Secret | None = None
     uazapi_base_url: str | None = None
     uazapi_admin_token: Secret | None = None
+    uazapi_instance_tokens: tuple[tuple[str, Secret], ...] = ()
     webhook_public_url: str | None = None
     legacy_redis_url: str | None = None
     redis_ca_bundle: str | None = None
@@ -175,6 +176,7 @@ class Settings:
             centrifugo_api_key=secret("CENTRIFUGO_API_KEY"),
             uazapi_base_url=_http_url("UAZAPI_BASE_URL", get("UAZAPI_BASE_URL"), "https://example.uazapi.com"),
             uazapi_admin_token=secret("UAZAPI_ADMIN_TOKEN"),
+            uazapi_instance_tokens=_instance_tokens(get("UAZAPI_INSTANCE_TOKENS")),
             webhook_public_url=_http_url("WEBHOOK_PUBLIC_URL", get("WEBHOOK_PUBLIC_URL"),
                                          f"https://whatrack.example.com{WEBHOOK_PATH}"),
             legacy_redis_url=_redis_url("LEGACY_REDIS_URL", get("LEGACY_REDIS_URL"), upstash=False),
@@ -208,9 +210,21 @@ class Settings:
         assert self.qstash_current_signing_key and self.qstash_next_signing_key
         return self.qstash_current_signing_key.reveal(), self.qstash_next_signing_key.reveal()
 
+    def instance_token(self, instance_name: str) -> str:
+        """The UAZAPI token of one instance (``/send/text`` authenticates with it, not with the admin token).
+
+        Raises:
+            ConfigError: no token configured for that instance.
+        """
+        for name, token in self.uazapi_instance_tokens:
+            if name == instance_name:
+                return token.reveal()
+        raise ConfigError("UAZAPI_INSTANCE_TOKENS", f"no token for instance {instance_name!r}",
+                          _EXAMPLES["UAZAPI_INSTANCE_TOKENS"])
+
     def secret_values(self) -> list[str]:
         """Every secret value held, for the secrets scan and log redaction. Never print the result."""
-        out: list[str] = []
+        out: list[str] = [t.reveal() for _, t in self.uazapi_instance_tokens]
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, Secret) and v:
@@ -228,6 +242,8 @@ class Settings:
             v = getattr(self, attr)
             if isinstance(v, Secret):
                 out[env_name] = MASK if v else None
+            elif isinstance(v, tuple):
+                out[env_name] = ",".join(f"{n}:{MASK}" for n, _ in v) or None
             elif isinstance(v, str):
                 out[env_name] = mask_url(v)
             else:
@@ -256,6 +272,7 @@ _ENV_NAMES = {
     "CENTRIFUGO_API_KEY": "centrifugo_api_key",
     "UAZAPI_BASE_URL": "uazapi_base_url",
     "UAZAPI_ADMIN_TOKEN": "uazapi_admin_token",
+    "UAZAPI_INSTANCE_TOKENS": "uazapi_instance_tokens",
     "WEBHOOK_PUBLIC_URL": "webhook_public_url",
     "LEGACY_REDIS_URL": "legacy_redis_url",
     "WHATRACK_REDIS_CA_BUNDLE": "redis_ca_bundle",
@@ -264,7 +281,7 @@ _ENV_NAMES = {
 #: Names of the variables that hold secrets (whole value), for scans and docs.
 SECRET_ENV_NAMES = (
     "UPSTASH_REDIS_REST_TOKEN", "QSTASH_TOKEN", "QSTASH_CURRENT_SIGNING_KEY", "QSTASH_NEXT_SIGNING_KEY",
-    "CENTRIFUGO_API_KEY", "UAZAPI_ADMIN_TOKEN",
+    "CENTRIFUGO_API_KEY", "UAZAPI_ADMIN_TOKEN", "UAZAPI_INSTANCE_TOKENS",
 )
 
 _EXAMPLES = {
@@ -279,6 +296,7 @@ _EXAMPLES = {
     "CENTRIFUGO_API_URL": "https://centrifugo.example.com/api",
     "CENTRIFUGO_API_KEY": "<Centrifugo http_api key>",
     "UAZAPI_BASE_URL": "https://example.uazapi.com",
+    "UAZAPI_INSTANCE_TOKENS": "instance-a:<token of instance-a>,instance-b:<token of instance-b>",
     "WEBHOOK_PUBLIC_URL": f"https://whatrack.example.com{WEBHOOK_PATH}",
     "LEGACY_REDIS_URL": "redis://127.0.0.1:6379/0",
 }
@@ -333,6 +351,20 @@ def _database_url(value: str | None) -> str | None:
         return f"sqlite+aiosqlite://{rest}"
     raise ConfigError("DATABASE_URL", f"unsupported database {base!r}: use postgresql:// or sqlite:///",
                       _EXAMPLES["DATABASE_URL"])
+
+
+def _instance_tokens(value: str | None) -> tuple[tuple[str, Secret], ...]:
+    """``name:token,name:token`` (instance tokens are UUIDs; names have no comma or colon)."""
+    if value is None:
+        return ()
+    out: list[tuple[str, Secret]] = []
+    for item in value.split(","):
+        name, sep, token = item.strip().partition(":")
+        if not sep or not name.strip() or not token.strip() or any(c.isspace() for c in token.strip()):
+            raise ConfigError("UAZAPI_INSTANCE_TOKENS", f"entry {len(out) + 1} is not name:token",
+                              _EXAMPLES["UAZAPI_INSTANCE_TOKENS"])
+        out.append((name.strip(), Secret(token.strip())))
+    return tuple(out)
 
 
 def _ca_bundle(value: str | None) -> str | None:

@@ -320,6 +320,7 @@ class Stack:
                             port=port, check="http", url=f"http://127.0.0.1:{port}/_dev/health")
                 env.update(UAZAPI_BASE_URL=f"http://127.0.0.1:{port}", UAZAPI_ADMIN_TOKEN=admin,
                            WHATRACK_UAZAPI_INSTANCE_NAME=DEMO_NAME, WHATRACK_UAZAPI_INSTANCE_TOKEN=DEMO_TOKEN,
+                           UAZAPI_INSTANCE_TOKENS=f"{DEMO_NAME}:{DEMO_TOKEN}",
                            WHATRACK_UAZAPI_OWNER=DEMO_OWNER)
             if pg_future is not None:
                 pg_port, db_url = pg_future.result()
