@@ -338,9 +338,11 @@ class MatrixRun:
 
 async def measure_idle(env: dict[str, str], seconds: float) -> int:
     """Redis commands on the Upstash Redis while only the follow-up worker runs (it polls) for ``seconds``."""
+    from whatrack.devstack.stack import DEMO_NAME, DEMO_TOKEN
     from whatrack.faults_worker import WorkerProcess
 
-    worker = WorkerProcess(env)
+    worker = WorkerProcess(env | {"UAZAPI_INSTANCE_TOKENS": env.get("UAZAPI_INSTANCE_TOKENS")
+                                  or f"{DEMO_NAME}:{DEMO_TOKEN}"})
     worker.start()
     try:
         await asyncio.sleep(3.0)  # start-up commands (script loads, INFO) are not idle polling

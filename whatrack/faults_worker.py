@@ -112,9 +112,10 @@ async def run_worker_scenario(env: dict[str, str], stack_dir: Path, cfg: MatrixC
     prefix = f"fu-{seed}-{int(time.time())}-"
     store = Store.from_url(settings.database_url)
     realtime = Realtime.from_settings(settings)
-    # The stand-in authenticates sends by the instance token (UAZAPI's `token` header); the worker's default
-    # context sends with UAZAPI_ADMIN_TOKEN, so the worker gets the demo instance's token there.
-    worker = WorkerProcess(env | {"UAZAPI_ADMIN_TOKEN": DEMO_TOKEN})
+    # UAZAPI authenticates sends by the sending instance's token: the worker finds it in UAZAPI_INSTANCE_TOKENS
+    # (the stack sets it for the demo instance; older stack envs lack it).
+    worker = WorkerProcess(env | {"UAZAPI_INSTANCE_TOKENS": env.get("UAZAPI_INSTANCE_TOKENS")
+                                  or f"{DEMO_NAME}:{DEMO_TOKEN}"})
     endpoint = EndpointProcess(env, workers=1)  # the echoes come back through QStash to the endpoint
     queue = open_queue(settings.upstash_redis_url, ca_bundle=settings.redis_ca_bundle)
     try:
