@@ -128,7 +128,10 @@ def _serve(args: argparse.Namespace) -> int:
     from urllib.parse import urlsplit
 
     settings = Settings.from_env()
-    build_handler(settings)  # fail fast, with the variable named, before uvicorn starts
+    # Fail fast, naming the variable, before uvicorn starts (the clients themselves are built in the lifespan,
+    # inside the event loop: cent's aiohttp client cannot be made outside one).
+    settings.require("DATABASE_URL", "QSTASH_CURRENT_SIGNING_KEY", "QSTASH_NEXT_SIGNING_KEY", "WEBHOOK_PUBLIC_URL",
+                     "CENTRIFUGO_API_URL", "CENTRIFUGO_API_KEY")
     port = args.port
     if port is None:  # offline, the stack reserved a loopback port for us in WEBHOOK_PUBLIC_URL
         public = urlsplit(settings.webhook_public_url or "")

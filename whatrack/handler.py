@@ -56,7 +56,9 @@ def _non_retryable(code: str) -> Outcome:
 
 
 def _transient(code: str) -> Outcome:
-    return Outcome(503, "transient", {"error": code, "retry": True}, {"Retry-After": "5"})
+    # No Retry-After: QStash's default backoff (12 s, 2.5 min, 30 min, ...) rides out a long outage; a short
+    # Retry-After would spend the retries within seconds and send messages to the DLQ.
+    return Outcome(503, "transient", {"error": code, "retry": True})
 
 
 class WebhookHandler:
