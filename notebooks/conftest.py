@@ -1,8 +1,9 @@
 """nbval over the phase notebooks (``pytest --nbval-lax notebooks/``): the devstack is brought up for the session.
 
-A collection hook, not a fixture: nbval starts each notebook's kernel before fixtures are set up, and the kernel
-inherits the environment at that moment; the stack comes up only when notebook cells were actually collected. ``--nbval-lax`` compares no outputs; the notebooks' own ``assert`` cells carry
-the verdicts, so a failing check fails its cell.
+A collection hook, not a fixture: nbval starts each notebook's kernel before fixtures are set up,
+and the kernel inherits the environment at that moment; the stack comes up only when notebook cells
+were actually collected. ``--nbval-lax`` compares no outputs; the notebooks' own ``assert`` cells
+carry the verdicts, so a failing check fails its cell.
 """
 
 from __future__ import annotations

@@ -193,7 +193,8 @@ async def test_against_the_devstack_stand_in_the_echo_normalizes_to_the_same_ids
     [sent] = app.state.uazapi.sends
     assert (sent["number"], sent["text"], sent["track_id"], sent["messageid"]) == (
         "5511988887777", "Olá de novo", "fu-9", result.message_id)
-    echo = server.outbound_echo(inst, chatid="5511988887777@s.whatsapp.net", text="Olá de novo", messageid=result.message_id,
+    echo = server.outbound_echo(inst, chatid="5511988887777@s.whatsapp.net", text="Olá de novo",
+                                messageid=result.message_id,
                                 timestamp_ms=1767261600000, base_url=BASE, track_source="whatrack", track_id="fu-9")
     ev = uazapi.normalize(echo)
     assert isinstance(ev, MessageEvent)

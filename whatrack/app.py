@@ -123,9 +123,9 @@ def app_from_env() -> Starlette:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from urllib.parse import urlsplit
+
+    import uvicorn
 
     settings = Settings.from_env()
     # Fail fast, naming the variable, before uvicorn starts (the clients themselves are built in the lifespan,
