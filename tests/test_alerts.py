@@ -282,5 +282,7 @@ async def test_unreachable_sources_are_unknown_with_the_reason() -> None:
 
 def test_window_parsing() -> None:
     assert [alerts.parse_window(t) for t in ("30s", "1m", "500ms", "2")] == [30, 60, 0.5, 2]
-    with pytest.raises(ValueError, match="not a window"):
+    with pytest.raises(ValueError, match="not a duration"):
         alerts.parse_window("soon")
+    with pytest.raises(ValueError, match="not a window"):
+        alerts.parse_window("0s")

@@ -14,7 +14,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from whatrack.durations import parse_seconds
 from whatrack.errors import ConfigError
 from whatrack.logs import RedactingFilter
 from whatrack.settings import Settings, mask_url
@@ -382,20 +382,16 @@ def default_metrics_url(settings: Settings) -> str | None:
 # -- the CLI ----------------------------------------------------------------------------------------------------------
 
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)?")
-_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
 def parse_window(text: str) -> float:
     """``"30s"``, ``"1m"``, ``"500ms"``, ``"2"`` (seconds) as seconds.
 
     Raises:
         ValueError: not one number with an optional unit.
     """
-    m = _DURATION.fullmatch(text.strip().lower())
-    if not m or float(m.group(1)) <= 0:
+    seconds = parse_seconds(text)
+    if seconds <= 0:
         raise ValueError(f"{text!r} is not a window like 30s, 1m, 500ms or 2 (seconds)")
-    return float(m.group(1)) * _UNIT_S[m.group(2)]
+    return seconds
 
 
 def _seconds(text: str) -> float:

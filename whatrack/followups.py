@@ -36,6 +36,7 @@ import redis.asyncio as aredis
 from bullmq import Queue
 
 from whatrack import redis_tcp
+from whatrack.durations import parse_seconds
 from whatrack.errors import PayloadError, QueueError
 
 log = logging.getLogger("whatrack.followups")
@@ -269,28 +270,13 @@ async def schedule_followup(queue: Queue, *, organization_id: int, instance_id: 
 
 # -- the CLI --------------------------------------------------------------------------------------------------------
 
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(d|h|m|s|ms)")
-_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-
-
 def parse_duration(text: str) -> timedelta:
-    """``"10m"``, ``"1h30m"``, ``"45s"``, ``"2d"`` or plain seconds (``"90"``) as a timedelta.
+    """``"10m"``, ``"1h30m"``, ``"45s"``, ``"500ms"``, ``"2d"`` or plain seconds (``"90"``) as a timedelta.
 
     Raises:
         ValueError: not a duration (the message shows good ones).
     """
-    s = text.strip().lower()
-    if re.fullmatch(r"\d+(\.\d+)?", s):
-        return timedelta(seconds=float(s))
-    pos, total = 0, 0.0
-    for m in _DURATION_RE.finditer(s):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * _UNITS[m.group(2)]
-        pos = m.end()
-    if pos != len(s) or not s:
-        raise ValueError(f"not a duration: {text!r}; use e.g. 10m, 1h30m, 45s, 2d or seconds")
-    return timedelta(seconds=total)
+    return timedelta(seconds=parse_seconds(text))
 
 
 def _duration_arg(text: str) -> timedelta:
