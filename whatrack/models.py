@@ -167,6 +167,8 @@ class Message(Base):
         Index("ix_message_conversation_id_sent_at", "conversation_id", "sent_at"),
         Index("ix_message_lead_id_direction_sent_at", "lead_id", "direction", "sent_at"),
         Index("ix_message_instance_id_edit_of", "instance_id", "edit_of"),
+        # The follow-up worker's echo lookup (Store.find_outbound_by_track): did a send of this job reach UAZAPI?
+        Index("ix_message_instance_id_track_id", "instance_id", "track_id"),
         CheckConstraint(_in("direction", DIRECTIONS), name="direction"),
         CheckConstraint(_in("sender_type", SENDER_TYPES), name="sender_type"),
         CheckConstraint(_in("status", MESSAGE_STATUSES), name="status"),

@@ -308,6 +308,24 @@ class Store:
 
         return await self._db.transaction("save_outbound", tx)
 
+    async def find_outbound_by_track(self, inst: InstanceRef, track_id: str) -> StoredMessage | None:
+        """The outbound message of ``inst`` sent with ``track_id`` (UAZAPI's echo of an API send), if stored.
+
+        The follow-up worker asks this before sending again a job whose earlier attempt was cut short.
+
+        Raises:
+            StoreError: the database failed.
+        """
+        q = (select(*steps.STORED_COLUMNS)
+             .where(Message.instance_id == inst.id, Message.track_id == track_id, Message.direction == "outbound")
+             .order_by(Message.id).limit(1))
+
+        async def tx(conn: AsyncConnection) -> StoredMessage | None:
+            r = (await conn.execute(q)).first()
+            return _stored(dict(r._mapping), created=False) if r else None
+
+        return await self._db.transaction("find_outbound_by_track", tx)
+
     async def mark_published(self, message_id: int) -> None:
         """Record that the message was published to Centrifugo (the first time only)."""
         async def tx(conn: AsyncConnection) -> None:
