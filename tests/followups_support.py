@@ -7,6 +7,8 @@
   ``SendError`` like the real one.
 * :class:`RealtimeForTests`: records publishes in a Redis list; can be told to fail.
 * :func:`build_context_for_tests`: the ``--context`` factory a worker subprocess loads.
+* :func:`stall_jobs`: takes waiting jobs and abandons them the way a SIGKILLed worker does, so that BullMQ's own
+  stalled check puts them back in ``wait`` (``ats`` 1, ``stc`` 1): their next run is a rescued attempt.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sys
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -31,6 +34,7 @@ from starlette.routing import Route
 
 from whatrack.devstack.servers import free_port, wait_for_port
 from whatrack.errors import PublishError, SendError, StoreError
+from whatrack.followups import KEY_PREFIX, MAX_STALLED_COUNT, QUEUE_NAME
 from whatrack.followups_worker import WorkerContext
 from whatrack.settings import Settings
 
@@ -117,6 +121,21 @@ class StoreForTests:
             row = json.loads(await self.r.get(f"{P}outbound:{job_id}"))
         return StoredMessageForTests(row["message_id"], created, bool(row["published"]), f"org:{inst.organization_id}",
                                      {"text": text})
+
+    async def add_echo(self, track_id: str, external_id: str) -> None:
+        """What the endpoint stores when UAZAPI echoes a send that carried ``track_id``."""
+        await self.r.set(f"{P}echo:{track_id}", external_id)
+
+    async def find_outbound_by_track(self, inst: InstanceRefForTests, track_id: str) -> Any:
+        await self.r.hincrby(f"{P}echo_lookups", track_id, 1)
+        ext = await self.r.get(f"{P}echo:{track_id}")
+        if ext is None:
+            return None
+        return SimpleNamespace(external_id=ext, provider_id=f"5511999990000:{ext}",
+                               realtime={"sentAt": datetime.now(UTC).isoformat()})
+
+    async def echo_lookups(self) -> dict[str, int]:
+        return {k: int(v) for k, v in (await self.r.hgetall(f"{P}echo_lookups")).items()}
 
     async def mark_published(self, message_id: str) -> None:
         key = f"{P}outbound:{message_id.removeprefix('m-')}"
@@ -247,6 +266,35 @@ def _uazapi_app(redis_url: str) -> Starlette:
                              "track_id": body.get("track_id")})
 
     return Starlette(routes=[Route("/send/text", send, methods=["POST"])])
+
+
+async def stall_jobs(url: str, count: int) -> list[str]:
+    """Take the next ``count`` waiting jobs as a worker does (``moveToActive``: ``ats`` 1), drop their locks as a
+    SIGKILLed worker's expire, and run BullMQ's stalled check twice (the first marks them, the second moves them
+    back to ``wait`` with ``stc`` 1). Returns their ids."""
+    from bullmq import Worker
+
+    async def never(job: Any, token: str) -> None:  # pragma: no cover: the worker never runs
+        raise AssertionError("stall_jobs' worker must not process jobs")
+
+    client = aredis.Redis.from_url(url, decode_responses=True)
+    w = Worker(QUEUE_NAME, never, {"connection": client, "prefix": KEY_PREFIX, "autorun": False,
+                                    "maxStalledCount": MAX_STALLED_COUNT, "stalledInterval": 60_000})
+    ids: list[str] = []
+    try:
+        for _ in range(count):
+            job = await w.moveToActive(uuid.uuid4().hex)
+            assert job is not None, "stall_jobs: no waiting job"
+            ids.append(str(job.id))
+        await client.delete(*(f"{KEY_PREFIX}:{QUEUE_NAME}:{i}:lock" for i in ids))
+        for _ in range(2):
+            await client.delete(f"{KEY_PREFIX}:{QUEUE_NAME}:stalled-check")
+            await w.runStalledJobsCheck()
+        await client.delete(f"{KEY_PREFIX}:{QUEUE_NAME}:stalled-check")
+    finally:
+        await w.close()
+        await client.aclose()
+    return ids
 
 
 async def build_context_for_tests(settings: Settings) -> WorkerContext:

@@ -32,7 +32,7 @@ from followups_fixtures import (  # noqa: F401  (fixtures)
     uazapi_server,
     wait_until,
 )
-from followups_support import RealtimeForTests, StoreForTests, UazapiStandIn
+from followups_support import RealtimeForTests, StoreForTests, UazapiStandIn, stall_jobs
 
 from whatrack import cli
 from whatrack.devstack import servers
@@ -47,7 +47,7 @@ from whatrack.followups import (
     sent_key,
     to_iso,
 )
-from whatrack.followups_worker import FollowupWorker, WorkerContext, process_followup
+from whatrack.followups_worker import FollowupWorker, WorkerContext, may_have_been_sent, process_followup
 
 TESTS = Path(__file__).resolve().parent
 WIRE = {"organizationId": ORG, "instanceId": INST, "leadId": LEAD, "text": "Oi! 😀 ainda tem interesse?",
@@ -448,3 +448,114 @@ async def test_real_store_uazapi_and_centrifugo_end_to_end(queue: Queue, redis_u
         for p in (ua, cent):
             p.terminate()
             p.wait(10)
+
+
+# -- a worker killed between UAZAPI's answer and the :sent record: the echo proves the send ----------------------------
+
+
+async def test_rescued_jobs_are_checked_against_the_echo_only_when_an_attempt_was_cut(
+        queue: Queue, redis_url: str, ctx: WorkerContext, uazapi: UazapiStandIn) -> None:
+    store = ctx.store
+    assert isinstance(store, StoreForTests)
+    ctx.echo_wait_s, ctx.echo_poll_s = 0.5, 0.05
+    await add(queue, "echoed")
+    await add(queue, "unsent")
+    assert await stall_jobs(redis_url, 2) == ["echoed", "unsent"]  # both attempts cut, one after its send
+    fresh = await add(queue, "fresh")
+    await store.add_echo("echoed", "3EB0ECHOED0000000001")  # the killed attempt's send, echoed and stored
+    for jid in ("echoed", "unsent"):
+        job = await Job.fromId(queue, jid)
+        assert job is not None and (job.attemptsStarted, job.attemptsMade, job.stalledCounter) == (1, 0, 1)
+    async with running(redis_url, handler(ctx), ctx) as fw:
+        assert await finished(queue, fresh, "echoed", "unsent") == {fresh: "completed", "echoed": "completed",
+                                                                      "unsent": "completed"}
+    assert fw.errors == []
+    assert uazapi.sends_by_job() == {fresh: 1, "unsent": 1}  # the echoed job is not sent again
+    echoed = await Job.fromId(queue, "echoed")
+    assert echoed is not None and echoed.returnvalue["sentEarlier"] is True and echoed.returnvalue["fromEcho"] is True
+    assert echoed.returnvalue["messageId"] == "3EB0ECHOED0000000001"
+    unsent = await Job.fromId(queue, "unsent")
+    assert unsent is not None and unsent.returnvalue["sentEarlier"] is False and unsent.returnvalue["fromEcho"] is False
+    out = await store.outbound()
+    assert sorted(out) == sorted([fresh, "echoed", "unsent"])
+    assert out["echoed"]["external_id"] == "3EB0ECHOED0000000001"
+    assert await store.r.get(sent_key("echoed")) is not None  # the record is rebuilt from the echo
+    lookups = await store.echo_lookups()
+    assert fresh not in lookups  # a first, clean attempt never waits for an echo
+    assert lookups["echoed"] == 1 and lookups["unsent"] >= 2  # polled for the echo, then sent
+
+
+def test_may_have_been_sent_reads_bullmqs_counters() -> None:
+    def job(ats: int, atm: int, stc: int = 0) -> Any:
+        j = Job.__new__(Job)
+        j.attemptsStarted, j.attemptsMade, j.stalledCounter = ats, atm, stc
+        return j
+
+    assert not may_have_been_sent(job(1, 0))  # first attempt
+    assert not may_have_been_sent(job(2, 1))  # a retry after a failure that finished (recorded in atm)
+    assert may_have_been_sent(job(2, 0))  # the first attempt started and never finished
+    assert may_have_been_sent(job(3, 1))
+    assert may_have_been_sent(job(0, 0, stc=1))  # a job without ats (older producers) that stalled
+
+
+async def test_real_store_finds_the_cut_attempts_echo_and_sends_the_unsent_job_once(
+        queue: Queue, redis_url: str, make_pg_database: Callable[[], str]) -> None:
+    import json
+
+    import httpx
+    from store_helpers import OWNER, T0, TOKEN, message
+
+    from whatrack.devstack.uazapi_server import Instance, outbound_echo
+    from whatrack.followups_worker import TRACK_SOURCE
+    from whatrack.store import Store
+    from whatrack.uazapi import normalize, parse_body
+    from whatrack.uazapi_send import UazapiClient
+
+    store = Store.from_url(make_pg_database())
+    await store.upgrade()
+    inst = await store.register_instance("acme", "inst-a", TOKEN, owner=OWNER)
+    lead_id = (await store.save_message(inst, message(sent_at=T0))).lead_id
+    ua_port = servers.free_port()
+    ua = _serve("whatrack.devstack.uazapi_server", ua_port,
+                env={"WHATRACK_UAZAPI_INSTANCES": f"inst-a:{TOKEN}:{OWNER}"})
+    client = UazapiClient(f"http://127.0.0.1:{ua_port}", TOKEN)
+    rt = RealtimeForTests(redis_url)
+    ctx = WorkerContext(store=store, uazapi=client, realtime=rt, closers=[store.aclose, client.aclose, rt.aclose],
+                        echo_wait_s=1.0, echo_poll_s=0.05)
+    try:
+        for jid in ("cut-after-send", "cut-before-send"):
+            await queue.add(JOB_NAME, FollowupJob(inst.organization_id, inst.id, lead_id, f"oi de {jid}",
+                                                  datetime.now(UTC)).to_wire(), {"jobId": jid})
+        assert await stall_jobs(redis_url, 2) == ["cut-after-send", "cut-before-send"]
+        # The killed attempt of the first job: UAZAPI accepted its send, and the echo came back through the endpoint
+        # path (the stand-in's own webhook, the real normalizer, the real store); no :sent record was written.
+        first = await client.send_text("5511988887777", "oi de cut-after-send", track_source=TRACK_SOURCE,
+                                       track_id="cut-after-send")
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ua_port}") as dev:
+            (rec,) = (await dev.get("/_dev/sends")).json()["sends"]
+            echo = outbound_echo(Instance("inst-a", TOKEN, OWNER), chatid=f"{rec['number']}@s.whatsapp.net",
+                                 text=rec["text"], messageid=rec["messageid"], timestamp_ms=rec["at_ms"],
+                                 base_url=f"http://127.0.0.1:{ua_port}", track_source=rec["track_source"],
+                                 track_id=rec["track_id"])
+            echoed = await store.save_message(inst, normalize(parse_body(json.dumps(echo).encode())))  # type: ignore[arg-type]
+            found = await store.find_outbound_by_track(inst, "cut-after-send")
+            assert found is not None and (found.message_id, found.created) == (echoed.message_id, False)
+            assert await store.find_outbound_by_track(inst, "cut-before-send") is None
+            async with running(redis_url, handler(ctx), ctx) as fw:
+                assert await finished(queue, "cut-after-send", "cut-before-send") == {
+                    "cut-after-send": "completed", "cut-before-send": "completed"}
+            sends = (await dev.get("/_dev/sends")).json()["sends"]
+        assert fw.errors == []
+        assert sorted(s["track_id"] for s in sends if s["ok"]) == ["cut-after-send", "cut-before-send"]
+        done = await Job.fromId(queue, "cut-after-send")
+        assert done is not None and done.returnvalue["sentEarlier"] is True
+        assert done.returnvalue["messageId"] == first.message_id and done.returnvalue["storedNow"] is False
+        rows = [r for r in await store.message_rows() if r["direction"] == "outbound"]
+        assert sorted(r["external_id"] for r in rows) == sorted(s["messageid"] for s in sends)
+        assert all(r["published_at"] for r in rows) and len(await rt.published()) == 2
+        linked = await store.find_outbound_by_track(inst, "cut-after-send")
+        assert linked is not None and linked.message_id == echoed.message_id
+    finally:
+        await ctx.aclose()
+        ua.terminate()
+        ua.wait(10)

@@ -154,6 +154,7 @@ async def run_worker_scenario(env: dict[str, str], stack_dir: Path, cfg: MatrixC
             if counts.get("completed", 0) + counts.get("failed", 0) >= jobs and not counts.get("active"):
                 break
             await asyncio.sleep(0.25)
+        from_echo = await _count_from_echo(queue, job_ids)
         sends = await _sends(settings.uazapi_base_url, prefix)
         ok_sends: dict[str, list[dict[str, Any]]] = {j: [] for j in job_ids}
         for s in sends:
@@ -185,10 +186,20 @@ async def run_worker_scenario(env: dict[str, str], stack_dir: Path, cfg: MatrixC
         dlq=0, replays=[], ledger=ledger, sent=sent)
     extra = {"double_sends": double, "jobs_sent": sum(1 for v in ok_sends.values() if v),
              "jobs_completed": counts.get("completed", 0),
-             "jobs_failed": counts.get("failed", 0)}
+             "jobs_failed": counts.get("failed", 0), "jobs_from_echo": from_echo}
+    if from_echo:
+        notes.append(f"{from_echo} rescued job(s) found their cut attempt's send by its echo: not sent again")
     if double:
         notes.append(f"{double} follow-ups sent twice to WhatsApp")
     return load, extra
+
+
+async def _count_from_echo(queue: Any, job_ids: list[str]) -> int:
+    """Jobs whose killed attempt had sent: the rescued run found the send's UAZAPI echo instead of sending again."""
+    from bullmq import Job
+
+    jobs = await asyncio.gather(*(Job.fromId(queue, j) for j in job_ids))
+    return sum(1 for j in jobs if j is not None and isinstance(j.returnvalue, dict) and j.returnvalue.get("fromEcho"))
 
 
 async def _wait_rows(store: Any, pids: set[str], org: int, timeout: float = 30.0) -> None:

@@ -6,6 +6,20 @@ follow-up was scheduled; send through UAZAPI; record the send in Redis (``bull:f
 database write, so a retry (or a rescued stalled job) never sends twice; store the outbound message idempotently on
 the job id; publish it in realtime.
 
+A worker killed (SIGKILL, OOM, node loss) after UAZAPI accepted a send but before the ``:sent`` record was written
+leaves no record; its job comes back through stalled recovery. Such a job *may* have been sent: BullMQ's job hash
+counts attempts started (``ats``) apart from attempts made (``atm``), so a started attempt that never finished shows
+as ``ats > atm + 1`` while the job runs again (or ``stc``, the stalled counter, is set). Before sending such a job the
+worker looks for the evidence: UAZAPI echoes every API send as a ``fromMe`` webhook carrying our ``track_id`` (the job
+id), which the endpoint stores (``Store.find_outbound_by_track``). Found: the ``:sent`` record is rebuilt from it and
+the job goes on to store and publish (both idempotent) without sending. Not found yet: the worker polls for it up to
+``WorkerContext.echo_wait_s`` (the echo travels UAZAPI → QStash → endpoint, normally well under a second), then sends.
+
+The window left, honestly: an echo slower than that wait (QStash or the endpoint down for longer, or the echo lost)
+still means a second send, and so does a send that timed out on the wire (the attempt *finished*, as a failure, so
+nothing flags it). UAZAPI offers no idempotency key, so the lead can then get the follow-up twice; the database and
+realtime stay exact either way (one row per WhatsApp message).
+
 bullmq 3.4.4's traps, fixed here (protocols/bullmq.md §1.3):
 
 * redis-py 8's 5 s socket timeout broke the blocking BZPOPMIN: the client gets ``redis_tcp``'s 30 s timeout;
@@ -68,6 +82,11 @@ _LOCK_RACE = "could not renew lock for job "
 LOCK_RACE_GRACE_S = 1.0
 #: Pooled connections beyond one per running job: the blocking wait, moveToActive, lock renewal, stalled check.
 POOL_SPARE = 6
+#: Seconds a job that may have been sent waits for UAZAPI's echo of that send before sending again. The echo goes
+#: UAZAPI → QStash → endpoint → database, normally well under a second; QStash's first retry comes seconds later.
+ECHO_WAIT_S = 10.0
+#: Seconds between two looks for the echo while waiting (one indexed query each).
+ECHO_POLL_S = 0.25
 
 
 # -- the collaborators, as the worker uses them ----------------------------------------------------------------------
@@ -82,6 +101,7 @@ class FollowupStore(Protocol):
     async def save_outbound(self, inst: Any, *, lead_id: int, text: str, job_id: str, external_id: str,
                             provider_id: str | None, sent_at: datetime) -> Any: ...
     async def mark_published(self, message_id: Any) -> None: ...
+    async def find_outbound_by_track(self, inst: Any, track_id: str) -> Any: ...
 
 
 class Sender(Protocol):
@@ -102,7 +122,8 @@ class WorkerContext:
     """Everything a job needs, built once at start-up. ``redis`` is set by the worker (its own pooled client).
 
     ``uazapi_for``, when set, picks the client for an instance (UAZAPI sends with the instance's own token);
-    otherwise every send goes through ``uazapi``.
+    otherwise every send goes through ``uazapi``. ``echo_wait_s`` / ``echo_poll_s``: how long and how often a job
+    that may have been sent looks for UAZAPI's echo before sending again.
     """
 
     store: FollowupStore
@@ -111,6 +132,8 @@ class WorkerContext:
     redis: aredis.Redis | None = None
     uazapi_for: Callable[[Any], Awaitable[Sender]] | None = None
     closers: list[Callable[[], Awaitable[object]]] = field(default_factory=list)
+    echo_wait_s: float = ECHO_WAIT_S
+    echo_poll_s: float = ECHO_POLL_S
 
     async def aclose(self) -> None:
         """Run the closers (last registered first); one failing does not stop the others."""
@@ -144,6 +167,42 @@ class SentRecord:
     def from_json(cls, raw: str) -> SentRecord:
         d = json.loads(raw)
         return cls(str(d["messageId"]), d.get("providerId"), datetime.fromisoformat(d["sentAt"]))
+
+
+def may_have_been_sent(job: Job) -> bool:
+    """Whether an earlier attempt of ``job`` started and never finished (killed or stalled), so it may have sent.
+
+    ``ats`` counts the current attempt too: a clean run or a retry after a failure has ``ats == atm + 1``.
+    """
+    started = int(getattr(job, "attemptsStarted", 0) or 0)
+    return started > int(job.attemptsMade or 0) + 1 or int(getattr(job, "stalledCounter", 0) or 0) > 0
+
+
+def _record_from_echo(stored: Any) -> SentRecord:
+    sent_at = stored.realtime.get("sentAt") if isinstance(getattr(stored, "realtime", None), dict) else None
+    at = datetime.fromisoformat(sent_at) if isinstance(sent_at, str) else datetime.now(UTC)
+    return SentRecord(str(stored.external_id), stored.provider_id, at)
+
+
+async def _find_echo(ctx: WorkerContext, inst: Any, job_id: str, *, wait: bool) -> SentRecord | None:
+    """The send of ``job_id`` that UAZAPI echoed back, polling up to ``ctx.echo_wait_s`` when ``wait``."""
+    deadline = time.monotonic() + (ctx.echo_wait_s if wait else 0.0)
+    while True:
+        stored = await ctx.store.find_outbound_by_track(inst, job_id)
+        if stored is not None:
+            return _record_from_echo(stored)
+        if time.monotonic() >= deadline:
+            return None
+        await asyncio.sleep(ctx.echo_poll_s)
+
+
+async def _keep_first(r: aredis.Redis, job_id: str, record: SentRecord) -> tuple[SentRecord, bool]:
+    """Write the job's send record unless one exists (NX: a stalled job running in two workers keeps the first);
+    return the record in force and whether it is ours."""
+    if await r.set(sent_key(job_id), record.to_json(), nx=True, ex=SENT_RECORD_TTL_S):
+        return record, True
+    first = _text(await r.get(sent_key(job_id)))
+    return (SentRecord.from_json(first), False) if first is not None else (record, False)
 
 
 def _text(v: bytes | str | None) -> str | None:
@@ -182,15 +241,27 @@ async def process_followup(ctx: WorkerContext, job: Job) -> dict[str, Any]:
 
     r = _redis(ctx)
     raw = _text(await r.get(sent_key(job_id)))
-    already_sent = raw is not None
-    if raw is not None:
-        record = SentRecord.from_json(raw)
+    record = SentRecord.from_json(raw) if raw is not None else None
+    unsure = record is None and may_have_been_sent(job)
+    if unsure:  # an attempt cut short may have sent: UAZAPI's echo of that send is the proof
+        record = await _find_echo(ctx, inst, job_id, wait=False)
+    if record is None and await ctx.store.lead_replied_since(fu.lead_id, fu.scheduled_at):
+        log.info("follow-up %s skipped: lead %s replied since %s (%.0f ms)", job_id, fu.lead_id,
+                 fu.scheduled_at.isoformat(), (time.monotonic() - t0) * 1000)
+        return {"status": "skipped", "reason": "lead replied"}
+    if record is None and unsure:
+        record = await _find_echo(ctx, inst, job_id, wait=True)
+        if record is None:
+            log.warning("follow-up %s: no echo of an earlier attempt's send within %.1f s: sending (a second time, "
+                        "if that attempt did send)", job_id, ctx.echo_wait_s)
+    already_sent, from_echo = record is not None, raw is None and record is not None
+    if raw is not None and record is not None:
         log.info("follow-up %s was sent before (message %s): not sending again", job_id, record.message_id)
+    elif record is not None:
+        log.warning("follow-up %s was sent by an attempt cut short (its echo, message %s, is stored): not sending "
+                    "again", job_id, record.message_id)
+        record, _ = await _keep_first(r, job_id, record)
     else:
-        if await ctx.store.lead_replied_since(fu.lead_id, fu.scheduled_at):
-            log.info("follow-up %s skipped: lead %s replied since %s (%.0f ms)", job_id, fu.lead_id,
-                     fu.scheduled_at.isoformat(), (time.monotonic() - t0) * 1000)
-            return {"status": "skipped", "reason": "lead replied"}
         number = lead.phone or lead.remote_jid
         sender = await ctx.uazapi_for(inst) if ctx.uazapi_for is not None else ctx.uazapi
         try:
@@ -199,12 +270,10 @@ async def process_followup(ctx: WorkerContext, job: Job) -> dict[str, Any]:
             if not e.retryable:
                 raise UnrecoverableError(f"UAZAPI refused follow-up {job_id} (status {e.status}): {e}") from e
             raise
-        record = SentRecord(str(res.message_id), res.provider_id, datetime.now(UTC))
-        # NX: if another worker raced us (a job that stalled while still running), keep the first record.
-        if not await r.set(sent_key(job_id), record.to_json(), nx=True, ex=SENT_RECORD_TTL_S):
+        record, first = await _keep_first(r, job_id, SentRecord(str(res.message_id), res.provider_id,
+                                                                 datetime.now(UTC)))
+        if not first:
             log.warning("follow-up %s was sent twice (a stalled job ran in two workers)", job_id)
-            first = _text(await r.get(sent_key(job_id)))
-            record = SentRecord.from_json(first or record.to_json())
     stored = await ctx.store.save_outbound(inst, lead_id=fu.lead_id, text=fu.text, job_id=job_id,
                                            external_id=record.message_id, provider_id=record.provider_id,
                                            sent_at=record.sent_at)
@@ -214,7 +283,7 @@ async def process_followup(ctx: WorkerContext, job: Job) -> dict[str, Any]:
     log.info("follow-up %s sent to lead %s (attempt %d, %.0f ms)", job_id, fu.lead_id, job.attemptsMade + 1,
              (time.monotonic() - t0) * 1000)
     return {"status": "sent", "messageId": record.message_id, "providerId": record.provider_id,
-            "storedNow": bool(stored.created), "sentEarlier": already_sent}
+            "storedNow": bool(stored.created), "sentEarlier": already_sent, "fromEcho": from_echo}
 
 
 # -- the worker ----------------------------------------------------------------------------------------------------
