@@ -296,7 +296,7 @@ class Store:
                 "conversation_id": conv_id, "ticket_id": ticket_id, "provider_id": pid, "external_id": external_id,
                 "direction": "outbound", "sender_type": "USER", "type": "text", "raw_type": None,
                 "content": rows.clean_text(text),
-                "sent_by_api": True, "status": "sent", "sent_at": sent_at, "job_id": job_id,
+                "sent_by_api": True, "status": "sent", "sent_at": sent_at, "job_id": job_id, "track_id": job_id,
                 "created_at": utcnow()})
             if row is None:
                 found = await steps.find_message(conn, inst, pid, external_id, job_id=job_id)
