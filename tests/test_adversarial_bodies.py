@@ -467,3 +467,15 @@ async def test_slow_clients_do_not_block_other_deliveries(ep: Endpoint, http: ht
         n = (await conn.execute(text("SELECT count(*) FROM message WHERE external_id = ANY(:ids)"),
                                 {"ids": ids})).scalar_one()
     assert n == 20
+
+
+async def test_receipt_ids_the_database_cannot_hold_are_non_retryable(ep: Endpoint) -> None:
+    """Found by the mutated-fixture fuzzing: a receipt whose MessageIDs hold a NUL made PostgreSQL refuse the query,
+    which was answered 503 (QStash retried it forever). A value the database can never hold is non-retryable."""
+    doc = copy.deepcopy(FIXTURES["messages_update_delivered.json"])
+    doc["event"]["MessageIDs"] = ["AC50672C\u0000\u0010"]
+    body = json.dumps(doc).encode()
+    o = await ep.handler.handle(body, [ep.sign(body)])
+    assert o.status in (200, 489), o
+    if o.status == 489:
+        assert o.headers["Upstash-NonRetryable-Error"] == "true"

@@ -235,3 +235,13 @@ def test_scan_finds_values_quoted_values_and_token_shapes(tmp_path: Path) -> Non
     runs_scan.redact(tmp_path, found, secrets)
     assert runs_scan.scan_dir(tmp_path, secrets, exclude=[tmp_path / "stack"]) == []
     assert (tmp_path / "a.txt").read_text() == "password=******** in a URL"
+
+
+def test_secret_pairs_name_per_instance_tokens() -> None:
+    from whatrack.runs import secret_pairs
+    from whatrack.settings import Settings
+
+    pairs = secret_pairs(Settings.from_env({"UAZAPI_INSTANCE_TOKENS": "sales:tok-aaa1,support:tok-bbb2",
+                                            "QSTASH_TOKEN": "qs-token-1"}, env_files=()))
+    assert ("UAZAPI_INSTANCE_TOKENS (support)", "tok-bbb2") in pairs
+    assert ("QSTASH_TOKEN", "qs-token-1") in pairs

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from whatrack.errors import ConfigError, PublishError, StackError
+from whatrack.errors import ConfigError, PublishError, StackError, StoreError
 from whatrack.evidence import Ledger, Replay, Sent, classify, collect, dlq_items, replay_dlq
 from whatrack.evidence_plots import Percentiles, latency_stats
 from whatrack.loadtest_gen import Webhook, generate, instances_of
@@ -287,7 +287,14 @@ async def settle(store: Any, publisher: Publisher, sent: Sequence[Sent], organiz
     deadline = time.monotonic() + timeout
     last_count, last_change = -1, time.monotonic()
     while True:
-        rows = await store.message_rows(organization_id=organization_id)
+        try:
+            rows = await store.message_rows(organization_id=organization_id)
+        except StoreError as e:  # the database link may still be healing from a fault: the reader waits too
+            if time.monotonic() > deadline:
+                raise
+            log.info("[loadtest] reading the message rows failed (%s); trying again", e)
+            await asyncio.sleep(0.5)
+            continue
         done = {r["provider_id"] for r in rows if r["published_at"] is not None}
         missing = [want[p] for p in want if p not in done]
         if not missing:

@@ -46,7 +46,7 @@ from typing import Any
 from whatrack import runs_params, runs_report, runs_scan
 from whatrack.errors import RunError, StackError, WhatrackError
 from whatrack.runs_record import PHASE_MARKER, RESULTS_FILE, check, criterion, load_results, phase_dir, record
-from whatrack.settings import SECRET_ENV_NAMES, Settings, url_password
+from whatrack.settings import SECRET_ENV_NAMES, Secret, Settings, url_password
 
 __all__ = ["PHASE_MARKER", "RESULTS_FILE", "RunOutcome", "add_commands", "check", "choose", "criterion", "discover",
            "execute", "load_results", "phase_dir", "record", "rerender", "run_environment", "secret_pairs"]
@@ -105,8 +105,10 @@ def secret_pairs(settings: Settings) -> list[tuple[str | None, str]]:
     pairs: list[tuple[str | None, str]] = []
     for name in SECRET_ENV_NAMES:
         v = getattr(settings, name.lower(), None)
-        if v:
+        if isinstance(v, Secret) and v:
             pairs.append((name, v.reveal()))
+        elif isinstance(v, tuple):  # per-instance tokens: (instance name, Secret) pairs
+            pairs += [(f"{name} ({instance})", t.reveal()) for instance, t in v]
     for name in ("DATABASE_URL", "UPSTASH_REDIS_URL", "LEGACY_REDIS_URL"):
         pw = url_password(getattr(settings, name.lower(), None))
         if pw:

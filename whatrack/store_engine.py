@@ -19,11 +19,11 @@ from typing import Any, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DataError, DBAPIError, SQLAlchemyError, StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from whatrack.errors import StoreError
+from whatrack.errors import PayloadError, StoreError
 from whatrack.settings import MASK, Settings
 
 log = logging.getLogger("whatrack.store_engine")
@@ -138,7 +138,8 @@ class Database:
         """Run ``fn`` in one transaction; retry it on deadlock / serialization failure / locked database.
 
         Raises:
-            StoreError: any database failure (``from`` the original); nothing of the transaction is kept.
+            PayloadError: a value the database can never hold (retrying cannot help).
+            StoreError: any other database failure (``from`` the original); nothing of the transaction is kept.
         """
         if self._sqlite_dir is not None and not self._sqlite_dir.is_dir():
             # Checked here, not left to the driver: aiosqlite leaks a worker thread when its connect fails.
@@ -148,7 +149,12 @@ class Database:
             try:
                 async with self._serialized(), self.engine.begin() as conn:
                     return await fn(conn)
-            except (SQLAlchemyError, OSError, TimeoutError) as e:
+            except (SQLAlchemyError, UnicodeEncodeError, OSError, TimeoutError) as e:
+                if isinstance(e, DataError | UnicodeEncodeError) or (
+                        isinstance(e, StatementError) and isinstance(e.orig, UnicodeEncodeError)):
+                    # A value the database can never hold (a NUL in text, a lone surrogate, an out-of-range
+                    # number): retrying cannot help, so it is non-retryable for the caller (the webhook answers 489).
+                    raise PayloadError("unstorable_value", f"database {op} refused a value: {describe(e)}") from e
                 if attempt < MAX_ATTEMPTS and is_retryable(e):
                     log.debug("%s: %s, attempt %d, retrying", op, describe(e), attempt)
                     await asyncio.sleep(random.uniform(0.005, 0.05) * attempt)  # jitter: do not collide again
