@@ -60,8 +60,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     from whatrack import logs
+    from whatrack.errors import ConfigError
+    from whatrack.settings import Settings
 
-    logs.configure("DEBUG" if args.verbose else "INFO")
+    try:  # redact the configured secrets' values from every log line, not only token-shaped strings
+        secrets = Settings.from_env().secret_values()
+    except ConfigError:
+        secrets = []  # the command itself will report the bad setting
+    logs.configure("DEBUG" if args.verbose else "INFO", secrets)
     try:
         return int(args.func(args) or 0)
     except WhatrackError as e:
