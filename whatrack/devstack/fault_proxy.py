@@ -243,10 +243,9 @@ class FaultProxy:
         if self._heal_task and self._heal_task is not asyncio.current_task():
             self._heal_task.cancel()
         self._heal_task = None
-        was_out = self.state.outage
+        if self.state.outage or self._server is None:
+            await self._listen()  # listening again before the state says healed: a caller may connect at once
         self.state = FaultState(counters=self.state.counters)
-        if was_out or self._server is None:
-            await self._listen()
         log.info("fault proxy :%d healed", self.port)
 
     async def _set(self, new: FaultState, seconds: float | None) -> None:
