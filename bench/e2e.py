@@ -4,7 +4,7 @@ ceiling measured in the same run.
 Both legs run through the same path: the official ``qstash`` client publishes generated UAZAPI webhooks to the
 devstack broker, which signs and delivers them to a uvicorn server with K worker processes on the same port:
 
-- **full**: the real endpoint (``whatrack.app``): verify → normalize → store (lead, conversation, ticket, message,
+- **full**: the real endpoint (``whatrack.webhook``): verify → normalize → store (lead, conversation, ticket, message,
   idempotent) → publish to Centrifugo → 200; the loss ledger checks every message;
 - **ceiling**: the same uvicorn server answering the same signed deliveries with one bare INSERT of the body
   (no verification, no normalization, no realtime).
@@ -84,9 +84,9 @@ def start_bare(env: dict[str, str], port: int, workers: int, db_url: str) -> sub
 async def ceiling_leg(env: dict[str, str], n: int, concurrency: int, seed: int) -> dict[str, Any]:
     import psycopg
 
-    from whatrack.evidence_plots import latency_stats
-    from whatrack.loadtest import close_publisher, publish_all
-    from whatrack.loadtest_gen import generate
+    from whatrack.proof.generate import generate
+    from whatrack.proof.load import close_publisher, publish_all
+    from whatrack.proof.plots import latency_stats
     from whatrack.qstash import Publisher
     from whatrack.settings import Settings
 
@@ -129,7 +129,7 @@ def main() -> None:
     import psycopg
 
     from whatrack.devstack.stack import running_stack
-    from whatrack.loadtest import EndpointProcess, LoadConfig, run_load
+    from whatrack.proof.load import EndpointProcess, LoadConfig, run_load
     from whatrack.settings import Settings
 
     logging.basicConfig(level=logging.WARNING)

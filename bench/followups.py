@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from whatrack.devstack import servers  # noqa: E402
 from whatrack.devstack.fault_proxy import FaultControl  # noqa: E402
-from whatrack.followups import (  # noqa: E402
+from whatrack.followups.jobs import (  # noqa: E402
     DRAIN_DELAY_S,
     JOB_NAME,
     LOCK_DURATION_MS,
@@ -45,7 +45,7 @@ from whatrack.followups import (  # noqa: E402
     open_queue,
     schedule_followup,
 )
-from whatrack.followups_worker import FollowupWorker  # noqa: E402
+from whatrack.followups.worker import FollowupWorker  # noqa: E402
 
 NODE_BENCH = ROOT / "tests" / "node" / "bullmq_bench.mjs"
 # Commands a client sends itself (never run inside BullMQ's Lua scripts).

@@ -1,7 +1,7 @@
 """Publish → delivery messages per second through the offline QStash broker, against a bare baseline in the same run.
 
 Three processes on this machine: a Redis, a receiver (uvicorn, counts POSTs, answers 200), and the broker
-(``python -m whatrack.devstack.qstash_broker``, as ``whatrack stack up`` runs it). Two measurements, same N, same
+(``python -m whatrack.devstack.qstash.broker``, as ``whatrack stack up`` runs it). Two measurements, same N, same
 concurrency:
 
 - **bare**: this process POSTs N bodies straight to the receiver with one ``httpx.AsyncClient`` (what delivery costs
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from whatrack.devstack import servers  # noqa: E402
-from whatrack.devstack.qstash_broker import DEV_TOKEN  # noqa: E402
+from whatrack.devstack.qstash.broker import DEV_TOKEN  # noqa: E402
 
 
 def serve_receiver(port: int) -> None:
@@ -139,7 +139,7 @@ def main() -> int:
         rport, bport = servers.free_port(), servers.free_port()
         receiver = spawn([__file__, "--serve-receiver", str(rport)])
         env = {**os.environ, "QSTASH_TOKEN": DEV_TOKEN}
-        broker = spawn(["-m", "whatrack.devstack.qstash_broker", "--port", str(bport), "--redis-url",
+        broker = spawn(["-m", "whatrack.devstack.qstash.broker", "--port", str(bport), "--redis-url",
                         redis_server.url], env=env)
         try:
             base, burl = f"http://127.0.0.1:{rport}", f"http://127.0.0.1:{bport}"

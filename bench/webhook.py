@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from whatrack.devstack import servers  # noqa: E402
-from whatrack.devstack.qstash_sign import sign  # noqa: E402
+from whatrack.devstack.qstash.sign import sign  # noqa: E402
 from whatrack.settings import WEBHOOK_PATH  # noqa: E402
 
 KEY_CURRENT = "sig_benchCurrentKey00000000000000"
@@ -64,7 +64,7 @@ def serve(kind: str, port: int, db_url: str, cent_url: str) -> None:
     from whatrack.settings import Settings
 
     if kind == "full":
-        from whatrack.app import create_app
+        from whatrack.webhook.app import create_app
 
         env = {
             "DATABASE_URL": db_url, "QSTASH_CURRENT_SIGNING_KEY": KEY_CURRENT, "QSTASH_NEXT_SIGNING_KEY": KEY_NEXT,
@@ -174,7 +174,7 @@ def main() -> None:
 
     import psycopg
 
-    from whatrack.store import Store
+    from whatrack.store.api import Store
 
     admin = "postgresql://postgres@127.0.0.1:5432/postgres"
     tmp = Path(tempfile.mkdtemp(prefix="bench-webhook-"))

@@ -14,12 +14,12 @@ from typing import Any
 import httpx
 from sqlalchemy import text
 
-from whatrack.app import build_handler, create_app, serving
 from whatrack.devstack import centrifugo, servers
-from whatrack.devstack.qstash_sign import sign
-from whatrack.handler import WebhookHandler
+from whatrack.devstack.qstash.sign import sign
 from whatrack.settings import WEBHOOK_PATH, Settings
-from whatrack.store import Store
+from whatrack.store.api import Store
+from whatrack.webhook.app import build_handler, create_app, serving
+from whatrack.webhook.handler import WebhookHandler
 
 #: Key-shaped, but the planted values are unique strings the secrets test greps for.
 CURRENT = "sig_advCurrentKey7Qm2Zp9Lw4Xc8Vb1Nk"

@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from whatrack.devstack.qstash_broker import DEV_CURRENT_KEY, DEV_NEXT_KEY, DEV_TOKEN, Broker, BrokerThread
+from whatrack.devstack.qstash.broker import DEV_CURRENT_KEY, DEV_NEXT_KEY, DEV_TOKEN, Broker, BrokerThread
 from whatrack.devstack.servers import free_port, wait_for_port
 
 
@@ -163,7 +163,7 @@ def states(client: QStash, message_id: str) -> list[str]:
 
 
 class BrokerProcess:
-    """The broker as its own process (``python -m whatrack.devstack.qstash_broker``), to be killed for real.
+    """The broker as its own process (``python -m whatrack.devstack.qstash.broker``), to be killed for real.
 
     Secrets travel in the environment, as ``whatrack stack up`` passes them; the log goes to ``log_path``.
     """
@@ -183,7 +183,7 @@ class BrokerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> BrokerProcess:
-        args = [sys.executable, "-m", "whatrack.devstack.qstash_broker", "--host", "127.0.0.1", "--port",
+        args = [sys.executable, "-m", "whatrack.devstack.qstash.broker", "--host", "127.0.0.1", "--port",
                 str(self.port), "--redis-url", self.redis_url, "--time-scale", str(self.time_scale), *self.extra]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT)

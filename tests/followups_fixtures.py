@@ -14,8 +14,8 @@ from bullmq import Job, Queue
 from followups_support import RealtimeForTests, StoreForTests, UazapiClientForTests, UazapiStandIn
 
 from whatrack.devstack import servers
-from whatrack.followups import JOB_NAME, FollowupJob, open_queue, pooled_client
-from whatrack.followups_worker import FollowupWorker, WorkerContext, process_followup
+from whatrack.followups.jobs import JOB_NAME, FollowupJob, open_queue, pooled_client
+from whatrack.followups.worker import FollowupWorker, WorkerContext, process_followup
 
 ORG, INST, LEAD, PHONE = 1, 2, 3, "5511988887777"
 

@@ -1,4 +1,4 @@
-"""Small real collaborators for the follow-up worker tests, until ``whatrack.store``/``uazapi``/``realtime`` land.
+"""Small real collaborators for the follow-up worker tests, until ``whatrack.store.api``/``uazapi``/``realtime`` land.
 
 * :class:`StoreForTests`: the ``Store`` methods the worker uses, over a real Redis (so a worker subprocess and the
   test see the same data), idempotent on the job id like the real one (a unique constraint there, SET NX here).
@@ -34,8 +34,8 @@ from starlette.routing import Route
 
 from whatrack.devstack.servers import free_port, wait_for_port
 from whatrack.errors import PublishError, SendError, StoreError
-from whatrack.followups import KEY_PREFIX, MAX_STALLED_COUNT, QUEUE_NAME
-from whatrack.followups_worker import WorkerContext
+from whatrack.followups.jobs import KEY_PREFIX, MAX_STALLED_COUNT, QUEUE_NAME
+from whatrack.followups.worker import WorkerContext
 from whatrack.settings import Settings
 
 P = "t:"  # every key these doubles write starts with it
@@ -66,7 +66,7 @@ class StoredMessageForTests:
 
 
 class StoreForTests:
-    """The worker's view of ``whatrack.store.Store``, over Redis keys under ``t:``."""
+    """The worker's view of ``whatrack.store.api.Store``, over Redis keys under ``t:``."""
 
     def __init__(self, url: str) -> None:
         self.r = aredis.Redis.from_url(url, decode_responses=True)

@@ -12,7 +12,7 @@ import redis
 from bullmq import FlowProducer, Queue, Worker
 
 from whatrack import redis_tcp
-from whatrack.migration_keys import with_db
+from whatrack.migration.keys import with_db
 
 QUEUE = "followup"
 

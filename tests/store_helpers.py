@@ -9,8 +9,8 @@ from typing import Any
 from sqlalchemy import select, text
 
 from whatrack.events import Location, Media, MessageEvent, ReceiptEvent, Source
-from whatrack.models import TABLES
-from whatrack.store import Store
+from whatrack.store.api import Store
+from whatrack.store.models import TABLES
 
 OWNER = "5511999990000"
 LEAD = "5511988887777"
@@ -75,7 +75,7 @@ async def one_row(store: Store, table: str, **where: Any) -> dict[str, Any]:
 
 
 async def all_rows(store: Store, table: str, **where: Any) -> list[dict[str, Any]]:
-    from whatrack.models import Base
+    from whatrack.store.models import Base
 
     t = Base.metadata.tables[table]
     q = select(t).where(*(t.c[k] == v for k, v in where.items())).order_by(t.c.id)

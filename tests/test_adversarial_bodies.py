@@ -32,8 +32,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import text
 
-from whatrack.app import MAX_BODY_BYTES
 from whatrack.devstack import servers
+from whatrack.webhook.app import MAX_BODY_BYTES
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -66,13 +66,13 @@ UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def ep(pg_admin_url: str, redis_server: servers.RedisServer, fixtures_dir: Path) -> AsyncIterator[Endpoint]:
-    logging.getLogger("whatrack.handler").addHandler(FAILURES)
+    logging.getLogger("whatrack.webhook.handler").addHandler(FAILURES)
     try:
         async with fresh_endpoint(pg_admin_url, redis_server.url, fixtures_dir) as e:
             yield e
             assert await integrity_violations(e.store) == {}
     finally:
-        logging.getLogger("whatrack.handler").removeHandler(FAILURES)
+        logging.getLogger("whatrack.webhook.handler").removeHandler(FAILURES)
     print("\nadversarial bodies tried:", dict(sorted(TALLY.items())))
 
 

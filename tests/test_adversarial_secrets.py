@@ -17,11 +17,11 @@ import httpx
 import pytest
 from adversarial_support import CENT_KEY, CURRENT, NEXT, ROTATED_OUT, fresh_endpoint
 
-from whatrack.app import create_app, serving
 from whatrack.devstack import servers
-from whatrack.devstack.qstash_sign import sign
+from whatrack.devstack.qstash.sign import sign
 from whatrack.errors import ConfigError
 from whatrack.settings import WEBHOOK_PATH, Settings
+from whatrack.webhook.app import create_app, serving
 
 DB_PASSWORD = "pgPw-Planted-9a8b7c6d5e"
 REDIS_PASSWORD = "redisPw-Planted-1q2w3e4r"
@@ -126,7 +126,7 @@ async def test_no_secret_in_logs_responses_metrics_or_reprs(make_pg_database: Ca
                "CENTRIFUGO_API_KEY": CENT_KEY}
         settings = Settings.from_env(env, env_files=())
         if db == libpq:
-            from whatrack.store import Store
+            from whatrack.store.api import Store
 
             store = Store.from_url(settings.database_url or "")
             await store.upgrade()

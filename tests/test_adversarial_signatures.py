@@ -19,7 +19,7 @@ import pytest_asyncio
 from adversarial_support import CURRENT, NEXT, ROTATED_OUT, Endpoint, fresh_endpoint
 
 from whatrack.devstack import servers
-from whatrack.devstack.qstash_sign import body_hash, new_jti
+from whatrack.devstack.qstash.sign import body_hash, new_jti
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -26,15 +26,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from whatrack import alerts
-from whatrack.app import build_handler, create_app, serving
+from whatrack.alerts import rules as alerts
 from whatrack.devstack import servers
 from whatrack.devstack.fault_proxy import FaultControl
-from whatrack.devstack.qstash_sign import sign
+from whatrack.devstack.qstash.sign import sign
 from whatrack.devstack.stack import running_stack
-from whatrack.handler import WebhookHandler
 from whatrack.settings import Settings, url_password
-from whatrack.store import Store
+from whatrack.store.api import Store
+from whatrack.webhook.app import build_handler, create_app, serving
+from whatrack.webhook.handler import WebhookHandler
 
 pytestmark = pytest.mark.slow
 
@@ -198,7 +198,7 @@ async def test_fires_when_the_database_is_slower_than_the_processing_timeout(ser
 
 
 async def test_fires_when_a_poison_message_is_in_the_dlq(service: Service) -> None:
-    from whatrack.loadtest import close_publisher
+    from whatrack.proof.load import close_publisher
     from whatrack.qstash import Publisher
 
     pub = Publisher.from_settings(service.settings)
@@ -222,7 +222,7 @@ async def test_fires_when_a_poison_message_is_in_the_dlq(service: Service) -> No
 
 
 async def test_fires_when_followups_pile_up_with_no_worker(service: Service) -> None:
-    from whatrack.followups import open_queue, schedule_followup
+    from whatrack.followups.jobs import open_queue, schedule_followup
 
     queue = open_queue(service.settings.upstash_redis_url or "", ca_bundle=service.settings.redis_ca_bundle)
     try:

@@ -31,8 +31,8 @@ from followups_fixtures import (  # noqa: F401  (fixtures)
 )
 from followups_support import StoreForTests, UazapiStandIn
 
-from whatrack.followups import ATTEMPTS, BACKOFF, JOB_NAME, FollowupJob, schedule_followup, to_iso
-from whatrack.followups_worker import WorkerContext, process_followup
+from whatrack.followups.jobs import ATTEMPTS, BACKOFF, JOB_NAME, FollowupJob, schedule_followup, to_iso
+from whatrack.followups.worker import WorkerContext, process_followup
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_DIR = ROOT / "tests" / "node"

@@ -29,7 +29,7 @@ from qstash import AsyncQStash, QStash
 from qstash.errors import QStashError, SignatureError
 from qstash.log import LogState
 
-from whatrack.devstack.qstash_broker import DEV_CURRENT_KEY, DEV_NEXT_KEY, DEV_TOKEN, BrokerThread
+from whatrack.devstack.qstash.broker import DEV_CURRENT_KEY, DEV_NEXT_KEY, DEV_TOKEN, BrokerThread
 
 NODE_SCRIPT = Path(__file__).parent / "node" / "qstash_receiver.mjs"
 

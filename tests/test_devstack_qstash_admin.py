@@ -23,7 +23,7 @@ from devstack_qstash_kit import (  # noqa: F401  (fixtures: broker, client, rece
 from qstash import QStash
 from qstash.errors import QStashError, SignatureError
 
-from whatrack.devstack.qstash_broker import DEV_CURRENT_KEY, DEV_NEXT_KEY, DEV_TOKEN, Broker, BrokerThread
+from whatrack.devstack.qstash.broker import DEV_CURRENT_KEY, DEV_NEXT_KEY, DEV_TOKEN, Broker, BrokerThread
 
 
 def test_batch_mixes_urls_url_groups_and_queues(client: QStash, receiver: Receiver) -> None:

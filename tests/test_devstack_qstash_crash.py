@@ -15,7 +15,7 @@ from devstack_qstash_kit import BrokerProcess, Hit, Receiver, wait_until
 from qstash import QStash
 from qstash.log import LogState
 
-from whatrack.devstack.qstash_broker import DEV_CURRENT_KEY, DEV_NEXT_KEY
+from whatrack.devstack.qstash.broker import DEV_CURRENT_KEY, DEV_NEXT_KEY
 
 N = 1000
 BATCH = 20  # messages per batch request: keeps the test's own publishing cost small on a busy 2-core machine
@@ -99,7 +99,7 @@ def test_a_sigkill_mid_stream_loses_no_message(redis_url: str, tmp_path: Path) -
 
 
 def test_entry_point_over_tls_redis_with_a_private_ca(tmp_path: Path) -> None:
-    """``python -m whatrack.devstack.qstash_broker --redis-url rediss://... --redis-ca CA``: certificate checked."""
+    """``python -m whatrack.devstack.qstash.broker --redis-url rediss://... --redis-ca CA``: certificate checked."""
     from whatrack.devstack import servers
     from whatrack.devstack.tls import make_ca_and_server_cert
 

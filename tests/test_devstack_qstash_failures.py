@@ -24,7 +24,7 @@ from devstack_qstash_kit import (  # noqa: F401  (fixtures: broker, client, rece
 from qstash import QStash
 from qstash.log import LogState
 
-from whatrack.devstack.qstash_broker import DEV_TOKEN, Broker, BrokerThread
+from whatrack.devstack.qstash.broker import DEV_TOKEN, Broker, BrokerThread
 
 
 def fail_first(n_failures: int, status: int = 500) -> object:

@@ -10,7 +10,7 @@ import pytest
 from qstash import Receiver
 from qstash.errors import SignatureError
 
-from whatrack.devstack.qstash_durations import (
+from whatrack.devstack.qstash.durations import (
     HeaderError,
     default_backoff_s,
     eval_retry_delay_ms,
@@ -19,9 +19,9 @@ from whatrack.devstack.qstash_durations import (
     parse_go_duration_s,
     retry_after_s,
 )
-from whatrack.devstack.qstash_model import callback_spec, dedup_key, make_message, parse_publish_headers
-from whatrack.devstack.qstash_publish import next_fire_ms
-from whatrack.devstack.qstash_sign import body_hash, sign
+from whatrack.devstack.qstash.model import callback_spec, dedup_key, make_message, parse_publish_headers
+from whatrack.devstack.qstash.publish import next_fire_ms
+from whatrack.devstack.qstash.sign import body_hash, sign
 
 CUR, NXT = "sig_7kYjw48mhY7kAjqNGcy6cr29RJ6r", "sig_5ZB6DVzB1wjE8S6rZ7eenA8Pdnhs"
 

@@ -150,7 +150,7 @@ def test_a_link_breaks_on_order_and_heals(full_stack: tuple[Stack, dict[str, str
         assert r.ping()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("whatrack.devstack.qstash_broker") is None,
+@pytest.mark.skipif(importlib.util.find_spec("whatrack.devstack.qstash.broker") is None,
                     reason="the QStash broker is not built yet")
 def test_uazapi_echo_arrives_signed_through_the_broker(full_stack: tuple[Stack, dict[str, str]]) -> None:
     from qstash import Receiver

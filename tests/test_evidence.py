@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from whatrack.evidence import (
+from whatrack.proof.ledger import (
     DlqItem,
     Ledger,
     Observations,
@@ -19,7 +19,7 @@ from whatrack.evidence import (
     provider_id_of,
     rows_from_store,
 )
-from whatrack.evidence_plots import latency_stats, percentile, plot_latency, plot_throughput, throughput
+from whatrack.proof.plots import latency_stats, percentile, plot_latency, plot_throughput, throughput
 
 OWNER = "5511999990000"
 

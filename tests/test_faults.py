@@ -14,11 +14,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from whatrack.evidence import Observations, Sent, StoredRow, classify
-from whatrack.evidence_plots import latency_stats
-from whatrack.faults import SCENARIOS, MatrixConfig, Scenario, ScenarioResult, table
-from whatrack.faults_front import Front
-from whatrack.loadtest import LoadConfig, LoadResult
+from whatrack.proof.faults import SCENARIOS, MatrixConfig, Scenario, ScenarioResult, table
+from whatrack.proof.front import Front
+from whatrack.proof.ledger import Observations, Sent, StoredRow, classify
+from whatrack.proof.load import LoadConfig, LoadResult
+from whatrack.proof.plots import latency_stats
 
 
 def test_the_matrix_covers_every_required_fault() -> None:
@@ -54,7 +54,7 @@ def test_scenario_result_verdict_and_row() -> None:
 
 @pytest.fixture
 async def target() -> AsyncIterator[tuple[str, collections.Counter[str]]]:
-    from whatrack.app import serving
+    from whatrack.webhook.app import serving
 
     seen: collections.Counter[str] = collections.Counter()
 
@@ -69,7 +69,7 @@ async def target() -> AsyncIterator[tuple[str, collections.Counter[str]]]:
 
 
 async def test_front_answers_503_to_the_asked_share(target: tuple[str, collections.Counter[str]]) -> None:
-    from whatrack.app import serving
+    from whatrack.webhook.app import serving
 
     url, seen = target
     front = Front(url, fail_ratio=0.05, seed=3)
@@ -83,8 +83,8 @@ async def test_front_answers_503_to_the_asked_share(target: tuple[str, collectio
 
 
 async def test_front_delivers_twice_and_reports_a_dead_endpoint(target: tuple[str, collections.Counter[str]]) -> None:
-    from whatrack.app import serving
     from whatrack.devstack.servers import free_port
+    from whatrack.webhook.app import serving
 
     url, seen = target
     front = Front(url, duplicate=True)
@@ -102,7 +102,7 @@ async def test_front_delivers_twice_and_reports_a_dead_endpoint(target: tuple[st
 
 @pytest.mark.slow
 def test_the_fault_matrix_small_loses_and_duplicates_nothing(tmp_path: Path) -> None:
-    from whatrack.faults import run_matrix
+    from whatrack.proof.faults import run_matrix
 
     cfg = MatrixConfig(n=40, outage_s=1.5, followup_jobs=12, time_scale=0.2, seed=7, settle_timeout=90.0,
                        idle_s=3.0)
@@ -123,6 +123,6 @@ def test_the_fault_matrix_small_loses_and_duplicates_nothing(tmp_path: Path) -> 
     assert projection is not None and projection.qstash_msgs_per_webhook >= 1.0
     assert projection.redis_cmds_per_s_idle > 0
     # A worker killed after UAZAPI accepted a send but before the :sent record finds the send's echo before sending
-    # the rescued job again (whatrack.followups_worker): the lead gets each follow-up once.
+    # the rescued job again (whatrack.followups.worker): the lead gets each follow-up once.
     assert worker["double_sends"] == 0, worker
     assert all(row["passed"] for row in rows.values())

@@ -37,7 +37,7 @@ from followups_support import RealtimeForTests, StoreForTests, UazapiStandIn, st
 from whatrack import cli
 from whatrack.devstack import servers
 from whatrack.errors import PayloadError
-from whatrack.followups import (
+from whatrack.followups.jobs import (
     BACKOFF,
     DEFAULT_JOB_OPTIONS,
     JOB_NAME,
@@ -47,7 +47,7 @@ from whatrack.followups import (
     sent_key,
     to_iso,
 )
-from whatrack.followups_worker import FollowupWorker, WorkerContext, may_have_been_sent, process_followup
+from whatrack.followups.worker import FollowupWorker, WorkerContext, may_have_been_sent, process_followup
 
 TESTS = Path(__file__).resolve().parent
 WIRE = {"organizationId": ORG, "instanceId": INST, "leadId": LEAD, "text": "Oi! 😀 ainda tem interesse?",
@@ -321,11 +321,11 @@ async def test_1000_delayed_followups_run_once_and_never_early(queue: Queue, red
 
 
 def worker_process(redis_url: str, uazapi_url: str, *args: str) -> subprocess.Popen[bytes]:
-    """``python -m whatrack.followups`` with the test context; its output goes to worker.log (in tmp_path)."""
+    """``python -m whatrack.followups.jobs`` with the test context; its output goes to worker.log (in tmp_path)."""
     env = {**os.environ, "UPSTASH_REDIS_URL": redis_url, "UAZAPI_BASE_URL": uazapi_url,
            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     with open("worker.log", "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "whatrack.followups", "--context",
+        return subprocess.Popen([sys.executable, "-m", "whatrack.followups.cli", "--context",
                                  "followups_support:build_context_for_tests", *args],
                                 env=env, stdout=out, stderr=subprocess.STDOUT)
 
@@ -407,8 +407,8 @@ async def test_real_store_uazapi_and_centrifugo_end_to_end(queue: Queue, redis_u
     from store_helpers import OWNER, T0, TOKEN, message
 
     from whatrack.realtime import Realtime
-    from whatrack.store import Store
-    from whatrack.uazapi_send import UazapiClient
+    from whatrack.store.api import Store
+    from whatrack.uazapi.client import UazapiClient
 
     store = Store.from_url(make_pg_database())
     await store.upgrade()
@@ -506,10 +506,10 @@ async def test_real_store_finds_the_cut_attempts_echo_and_sends_the_unsent_job_o
     from store_helpers import OWNER, T0, TOKEN, message
 
     from whatrack.devstack.uazapi_server import Instance, outbound_echo
-    from whatrack.followups_worker import TRACK_SOURCE
-    from whatrack.store import Store
-    from whatrack.uazapi import normalize, parse_body
-    from whatrack.uazapi_send import UazapiClient
+    from whatrack.followups.worker import TRACK_SOURCE
+    from whatrack.store.api import Store
+    from whatrack.uazapi.client import UazapiClient
+    from whatrack.uazapi.normalizer import normalize, parse_body
 
     store = Store.from_url(make_pg_database())
     await store.upgrade()

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from whatrack.events import MessageEvent
-from whatrack.loadtest_cost import CommandStats, command_total, delta, parse_commandstats, project
-from whatrack.loadtest_gen import TEMPLATE_WEIGHTS, LoadInstance, generate, instances_of, make_instances
-from whatrack.uazapi import normalize, parse_body
+from whatrack.proof.cost import CommandStats, command_total, delta, parse_commandstats, project
+from whatrack.proof.generate import TEMPLATE_WEIGHTS, LoadInstance, generate, instances_of, make_instances
+from whatrack.uazapi.normalizer import normalize, parse_body
 
 # -- the generator ------------------------------------------------------------------------------------------------
 
@@ -133,8 +133,8 @@ def stack_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
 
 @pytest.mark.slow
 async def test_load_run_through_qstash_endpoint_database_and_realtime(stack_env: dict[str, str]) -> None:
-    from whatrack.evidence_plots import plot_latency, plot_throughput
-    from whatrack.loadtest import EndpointProcess, LoadConfig, run_load
+    from whatrack.proof.load import EndpointProcess, LoadConfig, run_load
+    from whatrack.proof.plots import plot_latency, plot_throughput
     from whatrack.settings import Settings
 
     settings = Settings.from_env(stack_env, env_files=())
@@ -160,7 +160,7 @@ class _AckFirst:
 
     @staticmethod
     def wrap(handler: Any) -> Any:
-        from whatrack.handler import Outcome
+        from whatrack.webhook.handler import Outcome
 
         original = handler._dispatch
         pending: set[asyncio.Task[Any]] = set()
@@ -182,10 +182,10 @@ class _AckFirst:
 async def test_the_ledger_catches_loss_from_a_handler_that_acks_before_committing(stack_env: dict[str, str]) -> None:
     from urllib.parse import urlsplit
 
-    from whatrack.app import build_handler, create_app, serving
     from whatrack.devstack.fault_proxy import FaultControl
-    from whatrack.loadtest import LoadConfig, Progress, run_load
+    from whatrack.proof.load import LoadConfig, Progress, run_load
     from whatrack.settings import Settings
+    from whatrack.webhook.app import build_handler, create_app, serving
 
     settings = Settings.from_env(stack_env, env_files=())
     handler = _AckFirst.wrap(build_handler(settings))
@@ -217,8 +217,8 @@ async def test_a_publish_without_an_answer_is_unknown_never_accepted() -> None:
     from qstash import AsyncQStash
 
     from whatrack.devstack.servers import free_port
-    from whatrack.evidence import Observations, classify
-    from whatrack.loadtest import close_publisher, publish_all
+    from whatrack.proof.ledger import Observations, classify
+    from whatrack.proof.load import close_publisher, publish_all
     from whatrack.qstash import Publisher
 
     dead = f"http://127.0.0.1:{free_port()}"
@@ -237,12 +237,12 @@ async def test_a_publish_without_an_answer_is_unknown_never_accepted() -> None:
 async def test_dlq_replay_recovers_without_duplicates(stack_env: dict[str, str]) -> None:
     """Webhooks for an instance not registered yet go straight to the DLQ (489, non-retryable); once the instance is
     registered, the replay stores each exactly once, and replaying the same bodies again changes nothing."""
-    from whatrack.evidence import classify, collect, dlq_items, replay_dlq, wait_until
-    from whatrack.loadtest import EndpointProcess, close_publisher, publish_all, settle
+    from whatrack.proof.ledger import classify, collect, dlq_items, replay_dlq, wait_until
+    from whatrack.proof.load import EndpointProcess, close_publisher, publish_all, settle
     from whatrack.qstash import Publisher
     from whatrack.realtime import Realtime
     from whatrack.settings import Settings
-    from whatrack.store import Store
+    from whatrack.store.api import Store
 
     settings = Settings.from_env(stack_env, env_files=())
     assert settings.database_url

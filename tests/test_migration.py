@@ -12,7 +12,7 @@ from migration_fixtures import QUEUE, SOURCE_PW, TARGET_PW, Pair, clients, make_
 from whatrack import cli
 from whatrack.errors import MigrationError
 from whatrack.migration import copy, inventory, resume_queues, rollback, verify
-from whatrack.migration_keys import CUTOVER_KEY, TMP_PREFIX, with_db
+from whatrack.migration.keys import CUTOVER_KEY, TMP_PREFIX, with_db
 
 _mig_pair = migration_fixtures._mig_pair
 mig = migration_fixtures.mig

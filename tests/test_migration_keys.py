@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from whatrack.migration_keys import (
+from whatrack.migration.keys import (
     delayed_due_ms,
     is_upstash_host,
     key_prefix,

@@ -15,7 +15,7 @@ import pytest
 from migration_fixtures import QUEUE, Pair, clients, make_jobs, make_other_keys
 
 from whatrack.migration import verify
-from whatrack.migration_keys import TMP_PREFIX
+from whatrack.migration.keys import TMP_PREFIX
 
 _mig_pair = migration_fixtures._mig_pair
 mig = migration_fixtures.mig
@@ -40,7 +40,7 @@ def test_copy_killed_half_way_resumes_clean(mig: Pair, mode: str, tmp_path: Path
     with clients(mig) as (s, _t):
         total = s.dbsize()
     ck = tmp_path / "ck.json"
-    cmd = [sys.executable, "-m", "whatrack.migration", "copy", "--mode", mode, "--batch", str(BATCH),
+    cmd = [sys.executable, "-m", "whatrack.migration.cli", "copy", "--mode", mode, "--batch", str(BATCH),
            "--checkpoint", str(ck), "--no-progress", "--active-wait", "0"]
     proc = subprocess.Popen(cmd, env=_env(mig), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     state: dict[str, object] = {}

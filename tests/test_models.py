@@ -20,12 +20,13 @@ from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
 from store_helpers import TOKEN, message, outbound
 
-from whatrack import cli, store_rows
+from whatrack import cli
 from whatrack.errors import ConfigError, PayloadError
 from whatrack.events import STATUS_ORDER
-from whatrack.models import TABLES, Base, UTCDateTime
-from whatrack.store import Store
-from whatrack.store_upgrade import alembic_config, head_revision
+from whatrack.store import rows as store_rows
+from whatrack.store.api import Store
+from whatrack.store.models import TABLES, Base, UTCDateTime
+from whatrack.store.upgrade import alembic_config, head_revision
 
 
 @pytest.fixture(params=["postgresql", pytest.param("sqlite", marks=pytest.mark.sqlite)])
@@ -198,7 +199,7 @@ def test_commands_need_database_url(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_read_token_refuses_empty() -> None:
-    from whatrack.store_cli import read_token
+    from whatrack.store.cli import read_token
 
     assert read_token("T", {"T": " tok "}) == "tok"
     with pytest.raises(ConfigError, match="T: is not set"):

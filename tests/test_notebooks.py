@@ -16,7 +16,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from whatrack import runs, runs_params, runs_scan
+from whatrack.runs import execute as runs
+from whatrack.runs import params as runs_params
+from whatrack.runs import scan as runs_scan
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 PHASES = ("00_prepare", "10_redis_migration", "20_qstash_integration", "30_validation", "40_rollback",

@@ -8,7 +8,7 @@ import warnings
 import jwt
 import pytest
 
-from whatrack.devstack.qstash_sign import sign
+from whatrack.devstack.qstash.sign import sign
 from whatrack.errors import ConfigError, SignatureError
 from whatrack.qstash import Verifier, body_hash
 from whatrack.settings import Settings

@@ -9,8 +9,10 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from whatrack import runs, runs_params, runs_scan
 from whatrack.errors import RunError
+from whatrack.runs import execute as runs
+from whatrack.runs import params as runs_params
+from whatrack.runs import scan as runs_scan
 
 PARAMS = "sample_size: int = 3  # messages\nlabel: str = 'x'  # a label\nratio: float = 0.5  # a ratio\n" \
          "dry_run: bool = True  # copy nothing"
@@ -238,7 +240,7 @@ def test_scan_finds_values_quoted_values_and_token_shapes(tmp_path: Path) -> Non
 
 
 def test_secret_pairs_name_per_instance_tokens() -> None:
-    from whatrack.runs import secret_pairs
+    from whatrack.runs.execute import secret_pairs
     from whatrack.settings import Settings
 
     pairs = secret_pairs(Settings.from_env({"UAZAPI_INSTANCE_TOKENS": "sales:tok-aaa1,support:tok-bbb2",

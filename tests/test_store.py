@@ -32,8 +32,8 @@ from store_helpers import (
 from whatrack.devstack import servers
 from whatrack.errors import ConfigError, PayloadError, StoreError
 from whatrack.events import InstanceEvent, Media, Source
-from whatrack.models import TABLES
-from whatrack.store import InstanceRef, Store
+from whatrack.store.api import InstanceRef, Store
+from whatrack.store.models import TABLES
 
 
 async def _migrate(url: str) -> None:

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from whatrack import uazapi
+import whatrack.uazapi.normalizer as uazapi
 from whatrack.errors import PayloadError
 from whatrack.events import STATUS_ORDER, Ignored, InstanceEvent, MessageEvent, ReceiptEvent
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from whatrack.errors import ConfigError, SendError
-from whatrack.uazapi import SendResult, UazapiClient
+from whatrack.uazapi.client import SendResult, UazapiClient
 
 BASE = "https://example.uazapi.com"
 TOKEN = "5e3c7e7a-1111-4222-8333-a0b1c2d3e4f5"
@@ -179,7 +179,7 @@ async def test_the_token_never_shows_in_repr_or_logs(caplog: pytest.LogCaptureFi
 async def test_against_the_devstack_stand_in_the_echo_normalizes_to_the_same_ids() -> None:
     """The client and the offline UAZAPI agree on the wire; the echo it would post normalizes to the ids we got."""
     server = pytest.importorskip("whatrack.devstack.uazapi_server")
-    from whatrack import uazapi
+    import whatrack.uazapi.normalizer as uazapi
     from whatrack.events import MessageEvent
 
     inst = server.Instance("whatrack-demo-01", TOKEN, OWNER)

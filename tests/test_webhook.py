@@ -15,12 +15,12 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from whatrack.app import create_app, serving
 from whatrack.devstack import centrifugo, servers
-from whatrack.devstack.qstash_sign import sign
+from whatrack.devstack.qstash.sign import sign
 from whatrack.realtime import Realtime
 from whatrack.settings import WEBHOOK_PATH, Settings
-from whatrack.store import Store
+from whatrack.store.api import Store
+from whatrack.webhook.app import create_app, serving
 
 CURRENT = "sig_testCurrentKey0000000000000000"
 NEXT = "sig_testNextKey000000000000000000"
@@ -152,7 +152,7 @@ async def test_bad_signatures_get_401_and_store_nothing(env: Env, case: str, rea
     elif case == "wrong_url":
         headers["Upstash-Signature"] = sign(body, env.url.replace("127.0.0.1", "evil.example"), CURRENT)
     elif case == "expired":
-        from whatrack.devstack.qstash_sign import sign as s
+        from whatrack.devstack.qstash.sign import sign as s
 
         headers["Upstash-Signature"] = s(body, env.url, CURRENT, now=int(time.time()) - 400)
     elif case == "body_changed":

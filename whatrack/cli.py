@@ -21,16 +21,16 @@ log = logging.getLogger("whatrack.cli")
 #: parser sets ``func``, a callable taking the parsed args and returning the exit code. Only the module behind the
 #: command being run is imported, so ``whatrack normalize`` does not pay for importing papermill and bullmq.
 COMMANDS = {
-    "run": "whatrack.runs", "report": "whatrack.runs", "lab": "whatrack.runs",
+    "run": "whatrack.runs.execute", "report": "whatrack.runs.execute", "lab": "whatrack.runs.execute",
     "stack": "whatrack.devstack.cli",
-    "serve": "whatrack.app",
-    "replay": "whatrack.replay",
-    "instances": "whatrack.store", "db": "whatrack.store",
-    "normalize": "whatrack.uazapi",
-    "worker": "whatrack.followups", "followup": "whatrack.followups",
-    "migrate": "whatrack.migration",
-    "loadtest": "whatrack.loadtest",
-    "alerts": "whatrack.alerts",
+    "serve": "whatrack.webhook.app",
+    "replay": "whatrack.proof.replay",
+    "instances": "whatrack.store.api", "db": "whatrack.store.api",
+    "normalize": "whatrack.uazapi.normalizer",
+    "worker": "whatrack.followups.jobs", "followup": "whatrack.followups.jobs",
+    "migrate": "whatrack.migration.cli",
+    "loadtest": "whatrack.proof.load",
+    "alerts": "whatrack.alerts.rules",
 }
 
 

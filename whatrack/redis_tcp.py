@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 import redis
 import redis.asyncio as aredis
 from redis.backoff import ExponentialBackoff
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.retry import Retry
 
 from whatrack.errors import ConfigError
@@ -47,7 +48,8 @@ def connection_kwargs(url: str, *, ca_bundle: str | None = None, socket_timeout:
         "socket_connect_timeout": CONNECT_TIMEOUT_S,
         "socket_keepalive": True,
         "health_check_interval": 15,
-        "retry": Retry(ExponentialBackoff(cap=2.0, base=0.05), RETRIES),
+        # redis-py 8 warns when a synchronous Retry reaches an asyncio pool: each client gets its own kind.
+        "retry": (AsyncRetry if asyncio else Retry)(ExponentialBackoff(cap=2.0, base=0.05), RETRIES),
         "retry_on_error": retry_errors,
     }
     if scheme == "rediss":

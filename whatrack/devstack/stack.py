@@ -257,8 +257,8 @@ class Stack:
         if password:  # set after start, not as --requirepass: arguments show in `ps` to every local user
             import redis
 
-            ca = str(r.tls.ca) if r.tls else None
-            with redis.Redis.from_url(r.url, ssl_ca_certs=ca) as c:
+            kw = {"ssl_ca_certs": str(r.tls.ca)} if r.tls else {}
+            with redis.Redis.from_url(r.url, **kw) as c:
                 c.config_set("requirepass", password)
             r.password = password
             plan.parts[name].url = r.url.replace(f":{password}@", ":@")
@@ -361,14 +361,14 @@ class Stack:
         return pg.port, url
 
     def _qstash(self, plan: _Plan, state_url: str, time_scale: float) -> None:
-        if importlib.util.find_spec("whatrack.devstack.qstash_broker") is None:
-            plan.parts["qstash"] = _Part("qstash", missing="whatrack.devstack.qstash_broker is not built yet")
+        if importlib.util.find_spec("whatrack.devstack.qstash.broker") is None:
+            plan.parts["qstash"] = _Part("qstash", missing="whatrack.devstack.qstash.broker is not built yet")
             # A loopback port nothing listens on: publishes fail fast here instead of going to the cloud default.
             plan.env["QSTASH_URL"] = f"http://127.0.0.1:{servers.free_port()}"
             log.warning("qstash broker missing: the stack runs without it")
             return
         port = servers.free_port()
-        self._spawn(plan, "qstash", "whatrack.devstack.qstash_broker",
+        self._spawn(plan, "qstash", "whatrack.devstack.qstash.broker",
                     ["--host", "127.0.0.1", "--port", str(port), "--redis-url", state_url,
                      "--time-scale", str(time_scale)],
                     {k: plan.env[k] for k in ("QSTASH_TOKEN", "QSTASH_CURRENT_SIGNING_KEY", "QSTASH_NEXT_SIGNING_KEY")},

@@ -1,0 +1,16 @@
+"""Follow-up messages as BullMQ jobs: the ``followup`` queue (scheduling), and the worker that sends them."""
+
+from whatrack.followups.jobs import (
+    ATTEMPTS,
+    BACKOFF,
+    JOB_NAME,
+    KEY_PREFIX,
+    QUEUE_NAME,
+    FollowupJob,
+    open_queue,
+    schedule_followup,
+)
+
+__all__ = [
+    "ATTEMPTS", "BACKOFF", "JOB_NAME", "KEY_PREFIX", "QUEUE_NAME", "FollowupJob", "open_queue", "schedule_followup",
+]

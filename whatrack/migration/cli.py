@@ -1,0 +1,136 @@
+"""``whatrack migrate probe|inventory|copy|verify|rollback|resume``: the migration's commands."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from whatrack.errors import ConfigError
+from whatrack.migration.copy import copy
+from whatrack.migration.inventory import inventory
+from whatrack.migration.probe import probe
+from whatrack.migration.queues import resume_queues
+from whatrack.migration.rollback import rollback
+from whatrack.migration.verify import verify
+from whatrack.settings import Settings
+
+log = logging.getLogger("whatrack.migration.cli")
+
+
+def _urls(need_target: bool = True) -> tuple[str, str, str | None]:
+    s = Settings.from_env()
+    s.require("LEGACY_REDIS_URL", *(["UPSTASH_REDIS_URL"] if need_target else []))
+    assert s.legacy_redis_url is not None
+    return s.legacy_redis_url, s.upstash_redis_url or "", s.redis_ca_bundle
+
+
+def _db_map(items: Sequence[str] | None) -> dict[int, str] | None:
+    if not items:
+        return None
+    out: dict[int, str] = {}
+    for item in items:
+        db, sep, pfx = item.partition("=")
+        if not sep or not db.isdigit() or not pfx:
+            raise ConfigError("--db-prefix", f"{item!r} is not DB=PREFIX", "3=db3:")
+        out[int(db)] = pfx
+    return out
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    source, target, ca = _urls()
+    rep = probe(target, ca_bundle=ca, source_url=source)
+    for f in rep.findings:
+        print(f"{f.status:8} {f.check:12} {f.detail}")
+    print(rep.verdict)
+    return 0 if rep.ok else 1
+
+
+def _cmd_inventory(args: argparse.Namespace) -> int:
+    source, target, ca = _urls(need_target=args.target)
+    inv = inventory(target if args.target else source, ca_bundle=ca)
+    for row in inv.to_rows():
+        print(f"db{row['db']:<3} {row['prefix']:40} {row['type']:8} {row['keys']}")
+    for q in inv.queue_rows():
+        print("queue " + " ".join(f"{k}={v}" for k, v in q.items()))
+    print(inv.verdict)
+    return 0
+
+
+def _cmd_copy(args: argparse.Namespace) -> int:
+    source, target, ca = _urls()
+    rep = copy(source, target, mode=args.mode, checkpoint_path=args.checkpoint, dry_run=args.dry_run,
+               batch=args.batch, db_prefix_map=_db_map(args.db_prefix), pause_queues=not args.no_pause,
+               active_wait_s=args.active_wait, progress=not args.no_progress, ca_bundle=ca)
+    print(rep.verdict)
+    if not args.dry_run and rep.queues:
+        print(f"queues stay paused on the target; after verify: whatrack migrate resume ({', '.join(rep.queues)})")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    source, target, ca = _urls()
+    rep = verify(source, target, ca_bundle=ca, ttl_tolerance_s=args.ttl_tolerance,
+                 db_prefix_map=_db_map(args.db_prefix))
+    for kind, names in rep.samples.items():
+        for n in names:
+            print(f"{kind:8} {n}")
+    print(rep.verdict)
+    return 0 if rep.ok else 1
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    source, target, ca = _urls()
+    rep = rollback(source, target, since=args.since, ca_bundle=ca, mode=args.mode, dry_run=args.dry_run,
+                   db_prefix_map=_db_map(args.db_prefix))
+    print(rep.verdict)
+    return 0 if rep.ok else 1
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    source, target, ca = _urls(need_target=not args.source)
+    names = resume_queues(source if args.source else target, ca_bundle=ca)
+    print(f"resumed {len(names)} queue(s): {', '.join(names) or '-'}")
+    return 0
+
+
+def add_commands(subparsers: Any) -> None:
+    """``whatrack migrate probe|inventory|copy|verify|rollback|resume`` (LEGACY_REDIS_URL -> UPSTASH_REDIS_URL)."""
+    p = subparsers.add_parser("migrate", help="move Redis (BullMQ queues included) from the legacy server to Upstash")
+    sub = p.add_subparsers(dest="migrate_command", metavar="STEP", required=True)
+    s = sub.add_parser("probe", help="what the target accepts; exit 1 on a blocker")
+    s.set_defaults(func=_cmd_probe)
+    s = sub.add_parser("inventory", help="keys by prefix and type, jobs per state")
+    s.add_argument("--target", action="store_true", help="inventory the target instead of the source")
+    s.set_defaults(func=_cmd_inventory)
+    s = sub.add_parser("copy", help="pause queues, copy every key with its TTL (resumable)")
+    s.add_argument("--mode", choices=["auto", "dump", "logical"], default="auto")
+    s.add_argument("--dry-run", action="store_true", help="count what would be copied; write nothing")
+    s.add_argument("--checkpoint", default="whatrack-migration.checkpoint.json", help="resume file")
+    s.add_argument("--batch", type=int, default=500, help="keys per SCAN page and pipeline")
+    s.add_argument("--db-prefix", action="append", metavar="DB=PREFIX", help="prefix for keys of database DB")
+    s.add_argument("--no-pause", action="store_true", help="do not pause the source queues (not recommended)")
+    s.add_argument("--active-wait", type=float, default=30.0, help="seconds to wait for active jobs")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_copy)
+    s = sub.add_parser("verify", help="compare both ways; exit 1 on any mismatch")
+    s.add_argument("--ttl-tolerance", type=float, default=2.0, help="seconds")
+    s.add_argument("--db-prefix", action="append", metavar="DB=PREFIX")
+    s.set_defaults(func=_cmd_verify)
+    s = sub.add_parser("rollback", help="bring changes since the cutover back to the source, then verify")
+    s.add_argument("--since", type=int, default=None, help="epoch ms (default: the marker the copy recorded)")
+    s.add_argument("--mode", choices=["auto", "dump", "logical"], default="auto")
+    s.add_argument("--dry-run", action="store_true")
+    s.add_argument("--db-prefix", action="append", metavar="DB=PREFIX")
+    s.set_defaults(func=_cmd_rollback)
+    s = sub.add_parser("resume", help="resume the BullMQ queues on the target (or --source)")
+    s.add_argument("--source", action="store_true")
+    s.set_defaults(func=_cmd_resume)
+
+
+if __name__ == "__main__":
+    from whatrack import cli
+
+    sys.exit(cli.main(["migrate", *sys.argv[1:]]))

@@ -1,0 +1,451 @@
+"""The load generator: N generated UAZAPI webhooks published through QStash to the endpoint, followed to the database
+and to realtime, measured, and reconciled by the loss ledger.
+
+The endpoint runs as its own process (``whatrack serve --workers K``, :class:`EndpointProcess`), PostgreSQL as its
+own, QStash is the devstack broker offline or the real one in cloud mode: only the settings differ. :func:`run_load`
+returns a :class:`LoadResult` (throughput, latency percentiles, retries, DLQ, the ledger);
+``whatrack loadtest`` prints it and exits 1 when a message was lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from whatrack.errors import ConfigError, PublishError, StackError, StoreError
+from whatrack.proof.generate import Webhook, generate, instances_of
+from whatrack.proof.ledger import Ledger, Replay, Sent, classify, collect, dlq_items, replay_dlq
+from whatrack.proof.plots import Percentiles, latency_stats
+from whatrack.qstash import SETTLED_STATES
+from whatrack.settings import SECRET_ENV_NAMES, Settings
+
+if TYPE_CHECKING:
+    from whatrack.qstash import Publisher
+
+log = logging.getLogger("whatrack.proof.load")
+
+#: Publishes in flight at once: enough to keep the broker and the endpoint busy on 2 cores without queueing for long
+#: inside the client.
+DEFAULT_CONCURRENCY = 48
+#: Seconds without a new row before the settle wait asks QStash whether the missing messages are still in flight.
+STALL_CHECK_S = 3.0
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """What one load run does. Sizes and durations are parameters: CI small, the full run >= 5,000."""
+
+    n: int = 1000
+    seed: int = 0
+    instances: int = 3
+    leads: int = 50
+    rate: float | None = None  # target publishes per second; None: as fast as it goes
+    concurrency: int = DEFAULT_CONCURRENCY
+    retries: int = 3  # QStash delivery retries per message (QStash's default)
+    settle_timeout: float = 180.0  # seconds to wait for the last message after the last publish
+    replay_dlq: bool = True  # republish the DLQ once everything settled, then check again
+    progress: bool = True
+    organization: str | None = None  # default: "whatrack loadtest <seed>"
+
+
+@dataclass
+class LoadResult:
+    """A load run's figures and its ledger (notebook friendly: ``result.ledger.frame()``)."""
+
+    config: LoadConfig
+    published: int
+    accepted: int
+    publish_s: float  # first publish to last publish answered
+    drain_s: float  # first publish to the last row committed
+    accepted_per_s: float
+    stored_per_s: float  # rows committed per second, first publish to last commit
+    commit: Percentiles
+    realtime: Percentiles
+    retries: int  # QStash delivery attempts beyond the first (RETRY events)
+    dlq: int  # messages found in the DLQ before the replay
+    replays: list[Replay]
+    ledger: Ledger
+    sent: list[Sent] = field(repr=False, default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.ledger.passed
+
+    def summary(self) -> dict[str, Any]:
+        """The headline figures as one flat dict (a row of a table)."""
+        return {
+            "messages": self.published, "accepted": self.accepted, "accepted_per_s": round(self.accepted_per_s, 1),
+            "stored_per_s": round(self.stored_per_s, 1), "commit_p50_ms": round(self.commit.p50, 1),
+            "commit_p95_ms": round(self.commit.p95, 1), "commit_p99_ms": round(self.commit.p99, 1),
+            "commit_max_ms": round(self.commit.max, 1), "realtime_p99_ms": round(self.realtime.p99, 1),
+            "retries": self.retries, "dlq": self.dlq, "replayed": len(self.replays),
+            **{k: v for k, v in self.ledger.counts().items() if k != "total"}, "passed": self.passed,
+        }
+
+
+# -- the endpoint as a process ------------------------------------------------------------------------------------
+
+class EndpointProcess:
+    """The endpoint as a subprocess in its own session (so SIGKILL reaches every worker): uvicorn with the factory
+    ``whatrack serve`` uses (``whatrack.webhook.app:app_from_env``) and K worker processes. (``whatrack serve`` itself
+    builds the handler outside an event loop before starting uvicorn, which ``cent``'s aiohttp session refuses.)
+
+    Args:
+        env: the settings (e.g. the stack's env); the parent's whatrack settings are not inherited.
+        port: where it listens (default: the port of ``WEBHOOK_PUBLIC_URL``).
+        workers: uvicorn worker processes.
+    """
+
+    def __init__(self, env: dict[str, str], *, port: int | None = None, workers: int = 1) -> None:
+        self.env = dict(env)
+        public = env.get("WEBHOOK_PUBLIC_URL") or ""
+        self.port = port or urlsplit(public).port or 0
+        if not self.port:
+            raise ConfigError("WEBHOOK_PUBLIC_URL", "needs a loopback URL with a port to run the endpoint",
+                              "http://127.0.0.1:8000/api/v1/webhooks/qstash/whatsapp")
+        self.workers = workers
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._cwd = tempfile.TemporaryDirectory(prefix="whatrack-endpoint-")
+        self.log_path = os.path.join(self._cwd.name, "endpoint.log")
+        self.restarts = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> EndpointProcess:
+        """Start and wait until ``/healthz`` answers.
+
+        Raises:
+            StackError: it exited or did not answer in time (with its log's last lines).
+        """
+        child = {k: v for k, v in os.environ.items() if k not in SECRET_ENV_NAMES and not k.startswith("WHATRACK_")}
+        child.update(self.env, PYTHONUNBUFFERED="1")
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "whatrack.webhook.app:app_from_env", "--factory",
+                 "--host", "127.0.0.1",
+                 "--port", str(self.port), "--workers", str(self.workers), "--log-level", "warning",
+                 "--no-access-log"], env=child, cwd=self._cwd.name, stdout=out,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise StackError(f"endpoint exited with {self.proc.returncode}: {self.tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200:
+                    return self
+            if time.monotonic() > deadline:
+                self.stop()
+                raise StackError(f"endpoint did not answer on :{self.port} within {timeout:.0f} s: {self.tail()}")
+            time.sleep(0.1)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group (master and workers), as a crash or an OOM kill would."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def restart(self) -> None:
+        self.kill()
+        self.restarts += 1
+        self.start()
+
+    def stop(self) -> None:
+        """SIGTERM (graceful: in-flight requests finish), then SIGKILL after 15 s."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.proc = None
+
+    def tail(self, n: int = 10) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return " | ".join(f.read().splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    def close(self) -> None:
+        self.stop()
+        self._cwd.cleanup()
+
+    def __enter__(self) -> EndpointProcess:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- publishing ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class Progress:
+    """Shared counters a fault hook reads to time its injection (``published / total``)."""
+
+    total: int
+    published: int = 0
+
+    @property
+    def fraction(self) -> float:
+        return self.published / self.total if self.total else 1.0
+
+    async def reached(self, fraction: float, poll: float = 0.05) -> None:
+        while self.fraction < fraction:
+            await asyncio.sleep(poll)
+
+
+async def publish_all(publisher: Publisher, webhooks: Sequence[Webhook], *, rate: float | None = None,
+                      concurrency: int = DEFAULT_CONCURRENCY, retries: int = 3, progress: Progress | None = None,
+                      bar: bool = True) -> list[Sent]:
+    """Publish every body (at ``rate`` per second, or as fast as ``concurrency`` allows); one :class:`Sent` each.
+
+    A publish that raises is recorded with outcome ``unknown`` (QStash may or may not have it), never as accepted.
+    """
+    from tqdm.auto import tqdm
+
+    sem = asyncio.Semaphore(concurrency)
+    out: list[Sent | None] = [None] * len(webhooks)
+    started = time.monotonic()
+    pbar = tqdm(total=len(webhooks), desc="publish", unit="msg", disable=not bar, leave=False)
+
+    async def one(i: int, w: Webhook) -> None:
+        if rate:
+            delay = started + i / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        async with sem:
+            at = time.time()
+            try:
+                qid = await publisher.publish_webhook(w.body, retries=retries)
+                out[i] = Sent(w.provider_id, at, "accepted", qid, w.body)
+            except PublishError as e:
+                log.warning("[loadtest] publish of %s has an unknown outcome: %s", w.provider_id, e)
+                out[i] = Sent(w.provider_id, at, "unknown", None, w.body)
+        if progress is not None:
+            progress.published += 1
+        pbar.update(1)
+
+    try:
+        await asyncio.gather(*(one(i, w) for i, w in enumerate(webhooks)))
+    finally:
+        pbar.close()
+    return [s for s in out if s is not None]
+
+
+async def retry_count(publisher: Publisher, since_ms: int) -> int:
+    """RETRY events QStash logged for the publisher's destination since ``since_ms`` (delivery attempts beyond the
+    first). Best effort: 0 with a warning when the events cannot be read."""
+    from qstash.log import LogFilter, LogState
+
+    n, cursor = 0, None
+    flt = LogFilter(url=publisher.destination, state=LogState.RETRY, from_time=since_ms)
+    try:
+        while True:
+            res = await publisher.client.log.list(cursor=cursor, count=1000, filter=flt)
+            n += len(res.logs)
+            cursor = res.cursor
+            if not cursor or not res.logs:
+                return n
+    except Exception as e:
+        log.warning("[loadtest] QStash retry events could not be read: %s", type(e).__name__)
+        return n
+
+
+# -- settling -----------------------------------------------------------------------------------------------------
+
+async def settle(store: Any, publisher: Publisher, sent: Sequence[Sent], organization_id: int, *,
+                 timeout: float) -> bool:
+    """Wait until every accepted message is stored and published, or until QStash has settled the rest (FAILED: in
+    the DLQ; or DELIVERED, yet not stored: lost, nothing more will come), or ``timeout``. Returns whether
+    everything accepted arrived."""
+    want = {s.provider_id: s.qstash_id for s in sent if s.qstash_id}
+    deadline = time.monotonic() + timeout
+    last_count, last_change = -1, time.monotonic()
+    while True:
+        try:
+            rows = await store.message_rows(organization_id=organization_id)
+        except StoreError as e:  # the database link may still be healing from a fault: the reader waits too
+            if time.monotonic() > deadline:
+                raise
+            log.info("[loadtest] reading the message rows failed (%s); trying again", e)
+            await asyncio.sleep(0.5)
+            continue
+        done = {r["provider_id"] for r in rows if r["published_at"] is not None}
+        missing = [want[p] for p in want if p not in done]
+        if not missing:
+            return True
+        now = time.monotonic()
+        if len(done) != last_count:
+            last_count, last_change = len(done), now
+        elif now - last_change > STALL_CHECK_S:
+            states = await publisher.states([m for m in missing if m])
+            if all(states.get(m) in SETTLED_STATES for m in missing if m):
+                log.info("[loadtest] %d messages settled by QStash without arriving (%s)", len(missing),
+                         dict(Counter(states.get(m) for m in missing)))
+                return False
+            last_change = now
+        if now > deadline:
+            log.warning("[loadtest] settle timed out with %d messages missing", len(missing))
+            return False
+        await asyncio.sleep(0.25)
+
+
+async def close_publisher(publisher: Publisher) -> None:
+    """Close the publisher's HTTP client (``Publisher`` has no ``aclose`` yet: the SDK's httpx client is reached
+    through ``AsyncQStash.http``)."""
+    closer = getattr(publisher, "aclose", None)
+    if closer is not None:
+        await closer()
+        return
+    inner = getattr(getattr(publisher.client, "http", None), "_client", None)
+    if inner is not None:
+        await inner.aclose()
+
+
+# -- the run ------------------------------------------------------------------------------------------------------
+
+Hook = Callable[[Progress], Coroutine[Any, Any, None]]
+
+
+async def run_load(settings: Settings, config: LoadConfig, *, during: Hook | None = None) -> LoadResult:
+    """Generate, publish, settle, reconcile. The endpoint must already be running (see :class:`EndpointProcess`).
+
+    Args:
+        during: an async hook started with the publishing (fault injection); it is awaited before settling.
+
+    Raises:
+        ConfigError: a needed setting is missing.
+        StoreError / PublishError: the database or QStash failed outside the load itself.
+    """
+    from whatrack.qstash import Publisher
+    from whatrack.realtime import Realtime
+    from whatrack.store.api import Store
+
+    settings.require("DATABASE_URL", "QSTASH_TOKEN", "WEBHOOK_PUBLIC_URL", "CENTRIFUGO_API_URL")
+    assert settings.database_url
+    webhooks = generate(config.n, seed=config.seed, instances=config.instances, leads=config.leads)
+    org_name = config.organization or f"whatrack loadtest {config.seed}"
+    store = Store.from_url(settings.database_url)
+    publisher = Publisher.from_settings(settings)
+    realtime = Realtime.from_settings(settings)
+    try:
+        await store.upgrade()
+        org_id = 0
+        for inst in instances_of(webhooks, config.seed, config.instances):
+            org_id = (await store.register_instance(org_name, inst.name, inst.token, owner=inst.owner)).organization_id
+        progress = Progress(len(webhooks))
+        since_ms = int(time.time() * 1000)
+        t0 = time.time()
+        hook: asyncio.Task[None] | None = asyncio.create_task(during(progress)) if during else None
+        try:
+            sent = await publish_all(publisher, webhooks, rate=config.rate, concurrency=config.concurrency,
+                                     retries=config.retries, progress=progress, bar=config.progress)
+        finally:
+            if hook is not None:
+                await hook
+        publish_s = max(max((s.at for s in sent), default=t0) - t0, 1e-9)
+        await settle(store, publisher, sent, org_id, timeout=config.settle_timeout)
+        obs = await collect(store, realtime, publisher, sent, organization_id=org_id)
+        dlq_before = len([d for d in obs.dlq if d.provider_id in {s.provider_id for s in sent}])
+        replays: list[Replay] = []
+        if config.replay_dlq and dlq_before:
+            mine = [d for d in await dlq_items(publisher) if d.provider_id in {s.provider_id for s in sent}]
+            replays = await replay_dlq(publisher, mine, retries=config.retries)
+            await settle(store, publisher, sent, org_id, timeout=config.settle_timeout)
+            obs = await collect(store, realtime, publisher, sent, organization_id=org_id)
+        ledger = classify(sent, obs, replays)
+        retries = await retry_count(publisher, since_ms)
+    finally:
+        await realtime.aclose()
+        await store.aclose()
+        await close_publisher(publisher)
+    accepted = sum(1 for s in sent if s.outcome == "accepted")
+    last_commit = max((r.created_at for r in obs.rows), default=t0)
+    drain_s = max(last_commit - t0, 1e-9)
+    result = LoadResult(
+        config=config, published=len(sent), accepted=accepted, publish_s=publish_s, drain_s=drain_s,
+        accepted_per_s=accepted / publish_s, stored_per_s=len(obs.rows) / drain_s,
+        commit=latency_stats((e.created_at - e.sent_at) * 1e3 for e in ledger.entries
+                             if e.created_at is not None and e.sent_at is not None),
+        realtime=latency_stats((e.published_at - e.sent_at) * 1e3 for e in ledger.entries
+                               if e.published_at is not None and e.sent_at is not None),
+        retries=retries, dlq=dlq_before, replays=replays, ledger=ledger, sent=sent)
+    log.info("[loadtest] %d messages: %s; %.0f accepted/s, %.0f stored/s, commit %s", len(sent), ledger.summary(),
+             result.accepted_per_s, result.stored_per_s, result.commit)
+    return result
+
+
+# -- the command --------------------------------------------------------------------------------------------------
+
+def _cmd(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    config = LoadConfig(n=args.messages, seed=args.seed if args.seed is not None else int(time.time()) % 1_000_000,
+                        instances=args.instances, leads=args.leads, rate=args.rate, concurrency=args.concurrency,
+                        retries=args.retries, settle_timeout=args.settle_timeout, replay_dlq=not args.no_replay)
+    endpoint = None
+    if args.serve:
+        env = {k: v for k, v in os.environ.items()}
+        env.update({k: v for k, v in _dotenv().items() if k not in env})
+        endpoint = EndpointProcess(env, workers=args.workers).start()
+    try:
+        result = asyncio.run(run_load(settings, config))
+    finally:
+        if endpoint is not None:
+            endpoint.close()
+    width = max(len(k) for k in result.summary())
+    for k, v in result.summary().items():
+        print(f"{k.ljust(width)}  {v}")
+    print(result.ledger.summary())
+    return 0 if result.passed else 1
+
+
+def _dotenv() -> dict[str, str]:
+    from dotenv import dotenv_values
+
+    return {k: v for k, v in dotenv_values(".env").items() if v is not None} if os.path.isfile(".env") else {}
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("loadtest", help="publish N generated webhooks through QStash and prove none was lost")
+    p.add_argument("-n", "--messages", type=int, default=1000, help="how many webhooks (default 1000)")
+    p.add_argument("--rate", type=float, default=None, help="target publishes per second (default: as fast as it goes)")
+    p.add_argument("--seed", type=int, default=None, help="repeat a run's exact bodies (default: a fresh seed)")
+    p.add_argument("--instances", type=int, default=3)
+    p.add_argument("--leads", type=int, default=50, help="leads (conversations) per instance")
+    p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="publishes in flight")
+    p.add_argument("--retries", type=int, default=3, help="QStash delivery retries per message")
+    p.add_argument("--settle-timeout", type=float, default=180.0)
+    p.add_argument("--no-replay", action="store_true", help="leave the DLQ alone")
+    p.add_argument("--serve", action="store_true",
+                   help="run the endpoint (whatrack serve) as a subprocess on WEBHOOK_PUBLIC_URL's port")
+    p.add_argument("--workers", type=int, default=2, help="uvicorn workers with --serve")
+    p.set_defaults(func=_cmd)
+    from whatrack.proof import faults as faults
+
+    faults.add_commands(sub)

@@ -1,0 +1,447 @@
+"""Notebook runs: execute the phase notebooks with papermill, render them, index them, and prove no secret got in.
+
+Commands (wired by :mod:`whatrack.cli`):
+
+* ``whatrack run [PHASE ...] [-p NAME=VALUE ...] [--no-stack]``: executes the chosen phase notebooks of ``notebooks/``
+  (all by default, in order; a phase is named ``10``, ``redis_migration`` or ``10_redis_migration``) into
+  ``runs/<UTC timestamp>-<id>/``, one directory per phase with the executed notebook, its HTML, its ``results.json``
+  and its figures; then ``index.html`` (open it first) and ``run.json``. ``-p name=value`` sets a parameter in every
+  chosen phase that declares it, ``-p 10.name=value`` in one phase; unknown names are errors, values are coerced to
+  the declared type. A failing phase stops the run (the index names the phase and the cell) and the exit code is 1.
+  In offline mode with no devstack running, the run brings the devstack up in ``runs/.stack`` (``--stack-dir``; its
+  broker's retry delays scaled by ``--time-scale``, 0.2) and down afterwards; a stack already running there is reused.
+  The kernels get the settings through their environment, never as parameters. Cloud mode (real Upstash
+  credentials in the environment or ``.env``) starts nothing.
+* ``whatrack report RUN_DIR``: re-renders a run's ``index.html`` and ``run.json`` from its files.
+* ``whatrack lab [--no-browser] [--no-stack]``: opens JupyterLab (on 127.0.0.1, token auth on) on ``notebooks/`` with
+  the devstack's environment loaded into the server and so into every kernel (the stack in ``runs/.stack`` is reused
+  when running, else brought up, and down again when JupyterLab exits with Ctrl-C). ``--no-browser`` prints the URL
+  instead of opening a browser. A notebook run in the lab records its results under ``runs/lab/<phase>/``, where
+  the acceptance notebook reads them.
+
+Before a run is declared done every file it wrote is scanned (:mod:`whatrack.runs.scan`) for the values of every
+secret setting of the environment the run used (the devstack's generated secrets included) and for token-shaped
+strings; a hit fails the run, names the file and notebook cell, and the hit is redacted from the file.
+
+Notebooks call :func:`record` at the end of each phase, :func:`check` / :func:`criterion` to build verdict rows, and the
+acceptance notebook :func:`load_results` to read the other phases' results (all in :mod:`whatrack.runs.record`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from whatrack.errors import RunError, StackError, WhatrackError
+from whatrack.runs import params as runs_params
+from whatrack.runs import report as runs_report
+from whatrack.runs import scan as runs_scan
+from whatrack.runs.record import PHASE_MARKER, RESULTS_FILE, check, criterion, load_results, phase_dir, record
+from whatrack.settings import SECRET_ENV_NAMES, Secret, Settings, url_password
+
+__all__ = ["PHASE_MARKER", "RESULTS_FILE", "RunOutcome", "add_commands", "check", "choose", "criterion", "discover",
+           "execute", "load_results", "phase_dir", "record", "rerender", "run_environment", "secret_pairs"]
+
+log = logging.getLogger("whatrack.runs.execute")
+
+ACCEPTANCE_PHASE = "90"
+#: Per-cell limit: a hung cell (a blocked Redis call) fails the run instead of hanging CI. The slowest cell (the load
+#: test) takes well under a minute offline.
+DEFAULT_CELL_TIMEOUT = 900
+#: The devstack broker's retry backoff scale for a run: QStash's real delays (12 s, 2.5 min, ...) times 0.2, so that a
+#: fault scenario's retries land within the run; what is proven (nothing lost) does not depend on the delays.
+DEFAULT_TIME_SCALE = 0.2
+
+
+# -- choosing notebooks --------------------------------------------------------------------------------------------
+
+
+def default_notebook_dir() -> Path:
+    """``./notebooks`` when it exists, else the repository's ``notebooks/`` beside the package."""
+    here = Path.cwd() / "notebooks"
+    return here if here.is_dir() else Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def discover(notebook_dir: Path) -> dict[str, Path]:
+    """The phase notebooks ``NN_<name>.ipynb`` in ``notebook_dir``, in order: phase (the stem) → path."""
+    found = sorted(p for p in notebook_dir.glob("[0-9][0-9]_*.ipynb"))
+    return {p.stem: p for p in found}
+
+
+def choose(available: Mapping[str, Path], wanted: Sequence[str]) -> dict[str, Path]:
+    """The notebooks for ``wanted`` phases (``10``, ``redis_migration`` or ``10_redis_migration``), in phase order.
+
+    Raises:
+        RunError: a phase matches no notebook (the message lists the phases there are).
+    """
+    if not available:
+        raise RunError("-", "no phase notebooks (NN_name.ipynb) found; run from the repository root or pass "
+                       "--notebooks DIR")
+    if not wanted:
+        return dict(available)
+    chosen: set[str] = set()
+    for w in wanted:
+        hits = [s for s in available if w in (s, s.split("_", 1)[0], s.split("_", 1)[-1])]
+        if not hits:
+            raise RunError(w, f"no such phase; phases: {', '.join(available)}")
+        chosen.update(hits)
+    return {s: p for s, p in available.items() if s in chosen}
+
+
+# -- the environment a run uses ------------------------------------------------------------------------------------
+
+
+def secret_pairs(settings: Settings) -> list[tuple[str | None, str]]:
+    """``(setting name, value)`` for every secret the settings hold (names where known); for the scan."""
+    pairs: list[tuple[str | None, str]] = []
+    for name in SECRET_ENV_NAMES:
+        v = getattr(settings, name.lower(), None)
+        if isinstance(v, Secret) and v:
+            pairs.append((name, v.reveal()))
+        elif isinstance(v, tuple):  # per-instance tokens: (instance name, Secret) pairs
+            pairs += [(f"{name} ({instance})", t.reveal()) for instance, t in v]
+    for name in ("DATABASE_URL", "UPSTASH_REDIS_URL", "LEGACY_REDIS_URL"):
+        pw = url_password(getattr(settings, name.lower(), None))
+        if pw:
+            pairs.append((name + " password", pw))
+    known = {v for _, v in pairs}
+    pairs += [(None, v) for v in settings.secret_values() if v not in known]
+    return pairs
+
+
+@contextlib.contextmanager
+def run_environment(base: Mapping[str, str], *, use_stack: bool, stack_dir: Path,
+                    time_scale: float = 1.0) -> Iterator[tuple[dict[str, str], str]]:
+    """The environment the kernels get: ``base`` plus, offline, the devstack's settings (started here if needed,
+    with the broker's retry delays scaled by ``time_scale``).
+
+    Yields:
+        (environment, a sentence saying where the services came from).
+
+    Raises:
+        StackError: the devstack is needed but cannot start.
+    """
+    settings = Settings.from_env(base)
+    if settings.mode == "cloud":
+        yield dict(base), "none (cloud mode: the settings point at Upstash)"
+        return
+    if not use_stack:
+        yield dict(base), "not used (--no-stack): the environment as given"
+        return
+    try:
+        from whatrack.devstack import stack as devstack
+    except ModuleNotFoundError as e:
+        raise StackError("the offline devstack (whatrack.devstack.stack) is missing; use --no-stack with cloud "
+                         "settings, or install the full package") from e
+    st = devstack.Stack(stack_dir, database_url=base.get("DATABASE_URL"))
+    if st.is_up():
+        yield {**base, **st.env()}, f"reused the devstack already running in {stack_dir}"
+        return
+    log.info("starting the devstack in %s", stack_dir)
+    st.up(time_scale=time_scale)
+    try:
+        yield {**base, **st.env()}, f"started in {stack_dir} for this run and stopped after it"
+    finally:
+        st.down()
+
+
+def _kernel_manager_class(env: Mapping[str, str]) -> type:
+    """A kernel manager that starts the kernel with ``env`` (papermill otherwise passes this process's own)."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class _EnvKernelManager(AsyncKernelManager):
+        # IPC sockets (files in the runtime dir, owner-only) rather than loopback TCP: nothing else on the machine
+        # can connect to the kernel, and ipykernel has no plain-TCP warning to print.
+        def __init__(self, **kw: Any) -> None:
+            kw.setdefault("transport", "ipc")
+            super().__init__(**kw)
+
+        # start_kernel calls _async_pre_start_kernel, which hands ``env`` on to the provisioner's Popen.
+        async def _async_pre_start_kernel(self, **kw: Any) -> Any:
+            kw["env"] = {**dict(env), **kw.get("env", {})}
+            return await super()._async_pre_start_kernel(**kw)
+
+    return _EnvKernelManager
+
+
+# -- executing a run -----------------------------------------------------------------------------------------------
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def new_run_dir(runs_dir: Path) -> Path:
+    """A fresh ``runs/<UTC timestamp>-<short id>/`` directory."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    d = runs_dir / f"{stamp}-{uuid.uuid4().hex[:6]}"
+    d.mkdir(parents=True)
+    return d
+
+
+@dataclasses.dataclass
+class RunOutcome:
+    """What :func:`execute` produced."""
+
+    run_dir: Path
+    data: dict[str, Any]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.data["status"] == "passed")
+
+    @property
+    def index(self) -> Path:
+        return self.run_dir / "index.html"
+
+
+def _execute_phase(phase: str, src: Path, params: dict[str, Any], pdir: Path, km_class: type,
+                   cell_timeout: int | None, secrets: Sequence[tuple[str | None, str]]) -> dict[str, Any]:
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    pdir.mkdir(parents=True)
+    (pdir / PHASE_MARKER).write_text(json.dumps({"phase": phase}) + "\n", encoding="utf-8")
+    out_nb = pdir / f"{phase}.ipynb"
+    defaults = {n: p.default for n, p in runs_params.declared(src).items()}
+    rec: dict[str, Any] = {"phase": phase, "title": runs_report.notebook_title(src), "parameters": params,
+                           "defaults": defaults,
+                           "notebook": f"{phase}/{out_nb.name}", "html": None, "figures": [], "results": None,
+                           "error": None, "started": _now()}
+    t0 = time.monotonic()
+    try:
+        papermill.execute_notebook(str(src), str(out_nb), parameters=params, cwd=str(pdir), kernel_name="python3",
+                                   progress_bar=False, log_output=False, execution_timeout=cell_timeout,
+                                   kernel_manager_class=km_class)
+        rec["status"] = "passed"
+    except PapermillExecutionError as e:
+        rec["status"] = "failed"
+        excerpt = "\n".join(str(e.source).splitlines()[:12])
+        rec["error"] = {"cell_index": e.cell_index, "ename": e.ename,
+                        "evalue": runs_scan.redact_text(str(e.evalue)[:500], secrets),
+                        "source": runs_scan.redact_text(excerpt, secrets)}
+    except Exception as e:  # a dead kernel, a timeout, a missing kernel: the phase failed, the run still reports
+        rec["status"] = "failed"
+        rec["error"] = {"cell_index": None, "ename": type(e).__name__,
+                        "evalue": runs_scan.redact_text(str(e)[:500], secrets), "source": ""}
+    rec["duration_s"] = round(time.monotonic() - t0, 2)
+    rec["ended"] = _now()
+    if out_nb.exists():
+        html = pdir / f"{phase}.html"
+        runs_report.render_html(out_nb, html)
+        rec["html"] = f"{phase}/{html.name}"
+        rec["figures"] = [str(p.relative_to(pdir.parent)) for p in runs_report.extract_figures(out_nb,
+                                                                                              pdir / "figures")]
+    res = pdir / RESULTS_FILE
+    if res.exists():
+        rec["results"] = json.loads(res.read_text(encoding="utf-8"))
+        if rec["status"] == "passed" and rec["results"].get("passed") is False:
+            rec["status"] = "failed"
+            rec["error"] = {"cell_index": None, "ename": "VerdictFailed",
+                            "evalue": "the phase recorded a failing check", "source": ""}
+    return rec
+
+
+def _acceptance(phases: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]] | None:
+    for ph in phases:
+        if str(ph["phase"]).startswith(ACCEPTANCE_PHASE) and ph.get("results"):
+            return list(ph["results"].get("criteria", [])) or None
+    return None
+
+
+def finish(run_dir: Path, data: dict[str, Any], secrets: Sequence[tuple[str | None, str]],
+           exclude: Sequence[Path] = ()) -> None:
+    """Write the index and ``run.json``, scan the whole run, and on a hit redact, fail the run and re-write both."""
+    data["acceptance"] = _acceptance(data["phases"])
+    runs_report.write_index(run_dir, data)
+    runs_report.write_run_json(run_dir, data)
+    findings = runs_scan.scan_dir(run_dir, secrets, exclude=exclude)
+    files = sum(1 for p in run_dir.rglob("*") if p.is_file())
+    data["scan"] = {"clean": not findings, "files": files, "findings": [f.to_dict() for f in findings]}
+    if findings:
+        runs_scan.redact(run_dir, findings, secrets)
+        data["status"] = "failed"
+        data["failure"] = ("secrets scan failed: " + "; ".join(f.describe() for f in findings[:5])
+                           + (" ..." if len(findings) > 5 else "") + " (redacted; fix the cell so it prints no secret)")
+    runs_report.write_index(run_dir, data)
+    runs_report.write_run_json(run_dir, data)
+
+
+def execute(phases: Sequence[str] = (), *, assignments: Sequence[str] = (), notebook_dir: Path | None = None,
+            runs_dir: Path = Path("runs"), stack_dir: Path | None = None, use_stack: bool = True,
+            cell_timeout: int | None = DEFAULT_CELL_TIMEOUT, environ: Mapping[str, str] | None = None,
+            progress: Callable[[str], None] | None = None, time_scale: float = DEFAULT_TIME_SCALE) -> RunOutcome:
+    """Run the chosen phase notebooks into a new run directory and report on them.
+
+    Args:
+        phases: phases to run (default all), see :func:`choose`.
+        assignments: ``-p`` items, ``name=value`` or ``phase.name=value``.
+        notebook_dir: where the phase notebooks are (default :func:`default_notebook_dir`).
+        runs_dir: parent of the run directory.
+        stack_dir: the devstack's directory (default ``runs_dir/.stack``).
+        use_stack: bring up (or reuse) the offline devstack in offline mode.
+        time_scale: the devstack broker's retry backoff scale when this run starts the stack.
+        cell_timeout: seconds one cell may take.
+        environ: the environment to start from (default: this process's).
+        progress: called with one line per phase.
+
+    Returns:
+        The outcome; ``outcome.ok`` is False when a phase failed or the secrets scan found something.
+
+    Raises:
+        RunError: before anything runs, for an unknown phase or parameter or a badly typed value.
+        StackError: the devstack was needed and could not start.
+    """
+    say = progress or (lambda line: log.info("%s", line))
+    nb_dir = notebook_dir or default_notebook_dir()
+    chosen = choose(discover(nb_dir), phases)
+    base = dict(os.environ if environ is None else environ)  # the kernels inherit it, as papermill's would
+    base_secrets = Settings.from_env(base).secret_values()
+    params = runs_params.resolve(runs_params.parse_assignments(assignments), chosen, base_secrets)
+    stack_dir = stack_dir or runs_dir / ".stack"
+    run_dir = new_run_dir(runs_dir)
+    t0 = time.monotonic()
+    data: dict[str, Any] = {"run_id": run_dir.name, "status": "running", "started": _now(), "ended": None,
+                            "duration_s": 0.0, "mode": None, "stack": None, "failure": None, "scan": None,
+                            "command": " ".join(["whatrack run", *phases, *(f"-p {a}" for a in assignments)]),
+                            "notebook_dir": str(nb_dir), "provenance": runs_report.provenance(nb_dir),
+                            "phases": [{"phase": s, "title": runs_report.notebook_title(p), "status": "not-run",
+                                        "parameters": params[s], "html": None, "notebook": None, "figures": [],
+                                        "results": None, "error": None, "duration_s": None}
+                                       for s, p in chosen.items()]}
+    secrets: list[tuple[str | None, str]] = secret_pairs(Settings.from_env(base))
+    try:
+        with run_environment(base, use_stack=use_stack, stack_dir=stack_dir, time_scale=time_scale) as (env, how):
+            settings = Settings.from_env(env)
+            secrets = secret_pairs(settings)
+            scale = time_scale if how.startswith("started") else None  # a reused stack keeps its own
+            data["mode"], data["stack"] = settings.mode, {"how": how, "time_scale": scale}
+            km_class = _kernel_manager_class(env)
+            for i, (phase, src) in enumerate(chosen.items()):
+                say(f"[{i + 1}/{len(chosen)}] {phase} ...")
+                rec = _execute_phase(phase, src, params[phase], run_dir / phase, km_class, cell_timeout, secrets)
+                data["phases"][i] = rec
+                where = f" at cell {rec['error']['cell_index']}" if rec["error"] else ""
+                say(f"[{i + 1}/{len(chosen)}] {phase} {rec['status']}{where} ({rec['duration_s']:.1f} s)")
+                if rec["status"] != "passed":
+                    err = rec["error"] or {}
+                    evalue = " ".join(str(err.get("evalue")).split())[:300]  # one line, whatever the cell raised
+                    data["failure"] = f"phase {phase} failed{where}: {err.get('ename')}: {evalue}"
+                    break
+    except StackError as e:
+        data["failure"] = f"devstack: {e}"
+    except WhatrackError as e:  # e.g. the stack's settings did not validate: the run still gets its index
+        data["failure"] = f"{type(e).__name__}: {e}"
+    data["status"] = "passed" if all(p["status"] == "passed" for p in data["phases"]) else "failed"
+    data["ended"], data["duration_s"] = _now(), round(time.monotonic() - t0, 2)
+    exclude = [stack_dir] if stack_dir.resolve().is_relative_to(run_dir.resolve()) else []
+    finish(run_dir, data, secrets, exclude)
+    say(f"run {data['status']}: {run_dir / 'index.html'}")
+    return RunOutcome(run_dir, data)
+
+
+def rerender(run_dir: Path) -> Path:
+    """Re-render ``index.html`` and ``run.json`` of an existing run from its files (results re-read).
+
+    Raises:
+        RunError: ``run_dir`` holds no ``run.json``.
+    """
+    rj = run_dir / "run.json"
+    if not rj.is_file():
+        raise RunError(run_dir.name, f"{rj} not found: give the directory of a run (runs/<id>/)")
+    data = json.loads(rj.read_text(encoding="utf-8"))
+    for ph in data["phases"]:
+        res = run_dir / ph["phase"] / RESULTS_FILE
+        if res.is_file():
+            ph["results"] = json.loads(res.read_text(encoding="utf-8"))
+    data["acceptance"] = _acceptance(data["phases"])
+    runs_report.write_run_json(run_dir, data)
+    return runs_report.write_index(run_dir, data)
+
+
+# -- commands ------------------------------------------------------------------------------------------------------
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    # One progress line per phase is ours; papermill's and nbconvert's chatter (alt text hints) is not.
+    logging.getLogger("papermill").setLevel(logging.WARNING)
+    logging.getLogger("traitlets").setLevel(logging.ERROR)
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    try:
+        outcome = execute(args.phases, assignments=args.param, notebook_dir=args.notebooks,
+                          runs_dir=args.runs_dir, stack_dir=args.stack_dir, use_stack=not args.no_stack,
+                          cell_timeout=args.cell_timeout, progress=progress, time_scale=args.time_scale)
+    except RunError as e:
+        print(f"whatrack run: {e}", file=sys.stderr)
+        return 2
+    if not outcome.ok:
+        print(f"whatrack run: {outcome.data['failure']}; see {outcome.index}", file=sys.stderr)
+        return 1
+    print(outcome.index)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    print(rerender(args.run_dir))
+    return 0
+
+
+def _cmd_lab(args: argparse.Namespace) -> int:
+    import subprocess
+
+    nb_dir = args.notebooks or default_notebook_dir()
+    cmd = [sys.executable, "-m", "jupyterlab", f"--notebook-dir={nb_dir}", "--ServerApp.ip=127.0.0.1"]
+    if args.no_browser:
+        cmd.append("--no-browser")
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        cmd.append("--allow-root")  # containers and CI machines run as root; JupyterLab refuses that otherwise
+    with run_environment(dict(os.environ), use_stack=not args.no_stack, stack_dir=args.stack_dir) as (env, how):
+        print(f"whatrack lab: devstack {how}", file=sys.stderr)
+        proc = subprocess.Popen(cmd, env=env)
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            proc.terminate()
+            proc.wait(30)
+            return 0
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``run``, ``report`` and ``lab`` to the ``whatrack`` command."""
+    p = sub.add_parser("run", help="execute the phase notebooks into runs/<id>/ and write its index.html")
+    p.add_argument("phases", nargs="*", metavar="PHASE", help="phases to run (default: all), e.g. 00 10 or rollback")
+    p.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="set a notebook parameter (PHASE.NAME=VALUE for one phase); repeatable")
+    p.add_argument("--notebooks", type=Path, default=None, help="directory of the phase notebooks")
+    p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="parent of the run directory (runs)")
+    p.add_argument("--stack-dir", type=Path, default=None, help="devstack directory (default runs/.stack)")
+    p.add_argument("--no-stack", action="store_true", help="do not start the offline devstack; use the environment")
+    p.add_argument("--cell-timeout", type=int, default=DEFAULT_CELL_TIMEOUT, help="seconds one cell may take")
+    p.add_argument("--time-scale", type=float, default=DEFAULT_TIME_SCALE,
+                   help="devstack broker retry delays x this, when the run starts the stack (1.0: QStash's own)")
+    p.set_defaults(func=_cmd_run)
+
+    r = sub.add_parser("report", help="re-render a run's index.html and run.json from its files")
+    r.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    r.set_defaults(func=_cmd_report)
+
+    lab = sub.add_parser("lab", help="open JupyterLab on the notebooks with the devstack's environment loaded")
+    lab.add_argument("--no-browser", action="store_true", help="do not open a browser (print the URL)")
+    lab.add_argument("--notebooks", type=Path, default=None, help="directory of the phase notebooks")
+    lab.add_argument("--stack-dir", type=Path, default=Path("runs/.stack"), help="devstack directory")
+    lab.add_argument("--no-stack", action="store_true", help="do not start the offline devstack")
+    lab.set_defaults(func=_cmd_lab)
