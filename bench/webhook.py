@@ -1,14 +1,22 @@
-"""Messages per second through the webhook endpoint over HTTP, against a bare-insert baseline in the same run.
+"""Messages per second through the webhook endpoint, against the honest ceiling measured in the same run.
 
-Two uvicorn servers (one worker each, the same machine, the same PostgreSQL) take the same number of signed,
-unique UAZAPI message deliveries at the same concurrency:
+Two uvicorn servers (one worker each, on the same PostgreSQL, reached directly) take the same signed, unique UAZAPI
+message deliveries:
 
-- **full**: the real endpoint: verify the QStash signature (official Receiver) → normalize → resolve the instance →
-  store lead/conversation/ticket/message idempotently → publish to Centrifugo (the devstack stand-in) → 200;
-- **bare**: the same framework answering each request with one plain INSERT of the raw body (no verification, no
-  normalization, no realtime).
+- **full**: the real endpoint (``whatrack.webhook.create_app``): verify the QStash signature (official Receiver) ->
+  normalize -> the store's write -> 200; realtime goes out after the commit (the devstack's Centrifugo stand-in);
+- **bare**: the same framework answering each request with one plain asyncpg INSERT of the raw body (no
+  verification, no normalization, no ORM): the simplest fast way to do the same job.
 
-Prints both rates and the ratio full/bare (the goal is ≥ 0.5). Usage: ``python bench/webhook.py [-n 3000] [-c 64]``.
+The load client is ``bench/httpload.py`` (raw asyncio sockets, requests built before the clock starts) in its own
+process. CPUs: the server under test is pinned to CPU 0; PostgreSQL, the Centrifugo stand-in and the client share
+CPU 1, so the client never takes the server's core (on a machine with more cores each gets its own).
+
+Prints, for each server: the saturation rate (closed loop, ``-c`` connections), the server's CPU ms per message and
+RSS, then the latency p50/p99 at a fixed offered rate below saturation (open loop, ``--open-rate``, default half the
+full endpoint's saturation rate) — and the ratio full/bare (the goal is >= 0.5).
+
+Usage: ``python bench/webhook.py [-n 5000] [-c 32] [--open-rate R]``.
 """
 
 from __future__ import annotations
@@ -18,13 +26,14 @@ import asyncio
 import contextlib
 import json
 import os
-import statistics
+import pickle
 import subprocess
 import sys
-import time
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -58,13 +67,25 @@ def bodies(n: int, leads: int = 200) -> list[bytes]:
 
 # -- servers (run as subprocesses: `python bench/webhook.py --serve full|bare ...`) --------------------------------
 
+SERVER_CPU = 0
+OTHER_CPU = 1
+
+
+def pin(pid: int, cpu: int) -> None:
+    """Pin a process (and the children it forks later) to one CPU, where the machine has it."""
+    cpus = os.sched_getaffinity(0) | {SERVER_CPU, OTHER_CPU} if hasattr(os, "sched_getaffinity") else set()
+    if cpu in cpus and (os.cpu_count() or 1) > cpu:
+        os.sched_setaffinity(pid, {cpu})
+
+
 def serve(kind: str, port: int, db_url: str, cent_url: str) -> None:
     import uvicorn
 
     from whatrack.settings import Settings
 
+    pin(0, SERVER_CPU)
     if kind == "full":
-        from whatrack.webhook.app import create_app
+        from whatrack.webhook import create_app
 
         env = {
             "DATABASE_URL": db_url, "QSTASH_CURRENT_SIGNING_KEY": KEY_CURRENT, "QSTASH_NEXT_SIGNING_KEY": KEY_NEXT,
@@ -73,65 +94,29 @@ def serve(kind: str, port: int, db_url: str, cent_url: str) -> None:
         }
         app = create_app(Settings.from_env(env, env_files=()))
     else:
-        from sqlalchemy import text
-        from sqlalchemy.ext.asyncio import create_async_engine
+        import asyncpg
         from starlette.applications import Starlette
         from starlette.requests import Request
         from starlette.responses import JSONResponse
         from starlette.routing import Route
 
-        engine = create_async_engine(Settings.from_env({"DATABASE_URL": db_url}, env_files=()).database_url or "",
-                                     pool_size=10)
+        pool: dict[str, Any] = {}
 
         async def bare(request: Request) -> JSONResponse:
             body = await request.body()
-            async with engine.begin() as conn:
-                await conn.execute(text("INSERT INTO bench_bare (id, body) VALUES (:id, :body)"),
-                                   {"id": uuid.uuid4().hex, "body": body.decode()})
+            async with pool["pool"].acquire() as conn:
+                await conn.execute("INSERT INTO bench_bare (id, body) VALUES ($1, $2)", uuid.uuid4().hex,
+                                   body.decode())
             return JSONResponse({"status": "stored"})
 
-        app = Starlette(routes=[Route(WEBHOOK_PATH, bare, methods=["POST"])])
+        @contextlib.asynccontextmanager
+        async def lifespan(app: Starlette) -> Any:
+            pool["pool"] = await asyncpg.create_pool(db_url, min_size=10, max_size=10)
+            yield
+            await pool["pool"].close()
+
+        app = Starlette(routes=[Route(WEBHOOK_PATH, bare, methods=["POST"])], lifespan=lifespan)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
-
-
-# -- load ---------------------------------------------------------------------------------------------------------
-
-async def load(url: str, reqs: list[tuple[bytes, str]], concurrency: int) -> tuple[float, list[float], int]:
-    """POST every request with ``concurrency`` in flight; (requests/s, latencies, non-200 count).
-
-    The client is aiohttp: httpx's connection pool degrades badly with many connections (measured here: 86 req/s
-    at 64 connections against a trivial endpoint, where aiohttp does 2,700), which would make the client the
-    bottleneck of both measurements.
-    """
-    import aiohttp
-
-    latencies: list[float] = []
-    errors = 0
-    queue: asyncio.Queue[tuple[bytes, str]] = asyncio.Queue()
-    for r in reqs:
-        queue.put_nowait(r)
-
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency),
-                                     timeout=aiohttp.ClientTimeout(total=60)) as client:
-        async def worker() -> None:
-            nonlocal errors
-            while True:
-                try:
-                    body, sig = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                t0 = time.perf_counter()
-                async with client.post(url, data=body, headers={"Upstash-Signature": sig,
-                                                                 "Content-Type": "application/json"}) as r:
-                    await r.read()
-                    if r.status != 200:
-                        errors += 1
-                latencies.append(time.perf_counter() - t0)
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    return len(reqs) / elapsed, latencies, errors
 
 
 def start_server(kind: str, db_url: str, cent_url: str) -> tuple[subprocess.Popen[bytes], int]:
@@ -144,23 +129,79 @@ def start_server(kind: str, db_url: str, cent_url: str) -> tuple[subprocess.Pope
 
 @contextlib.contextmanager
 def centrifugo_process(tmp: Path) -> Iterator[str]:
-    """The devstack's Centrifugo stand-in as its own process (history in a Redis of its own)."""
+    """The devstack's Centrifugo stand-in as its own process (history in a Redis of its own), off the server's CPU."""
     with servers.RedisServer(tmp / "cent-redis") as redis_server:
         port = servers.free_port()
         proc = subprocess.Popen([sys.executable, "-m", "whatrack.devstack.centrifugo", "--port", str(port),
                                  "--redis-url", redis_server.url], env={**os.environ, "CENTRIFUGO_API_KEY": CENT_KEY})
         try:
             servers.wait_for_port("127.0.0.1", port, timeout=30)
+            pin(proc.pid, OTHER_CPU)
+            if redis_server.proc:
+                pin(redis_server.proc.pid, OTHER_CPU)
             yield f"http://127.0.0.1:{port}/api"
         finally:
             proc.terminate()
             proc.wait(10)
 
 
+# -- load ---------------------------------------------------------------------------------------------------------
+
+def drive(url_port: int, requests: list[bytes], connections: int, rate: float, tmp: Path) -> dict[str, Any]:
+    """Run ``bench/httpload.py`` in its own process on the other CPU; its results."""
+    reqs, out = tmp / "requests.pickle", tmp / "result.json"
+    reqs.write_bytes(pickle.dumps(requests))
+    subprocess.run([sys.executable, str(ROOT / "bench" / "httpload.py"), str(reqs), str(out), "127.0.0.1",
+                    str(url_port), str(connections), str(rate), str(OTHER_CPU)], check=True)
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+def signed(port: int, n: int) -> list[bytes]:
+    from httpload import build_request  # bench/ is on sys.path when this file runs as a script
+
+    url = f"http://127.0.0.1:{port}{WEBHOOK_PATH}"
+    return [build_request("127.0.0.1", port, WEBHOOK_PATH, b, {"Upstash-Signature": sign(b, url, KEY_CURRENT)})
+            for b in bodies(n)]
+
+
+def pct(sorted_values: list[float], q: float) -> float:
+    return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * q))] * 1e3
+
+
+def measure(kind: str, port: int, proc: subprocess.Popen[bytes], n: int, connections: int, tmp: Path) -> dict[str, Any]:
+    import psutil
+
+    drive(port, signed(port, 300), connections, 0, tmp)  # warm: pools, prepared statements, caches
+    ps = psutil.Process(proc.pid)
+    cpu0 = sum(ps.cpu_times()[:2])
+    r = drive(port, signed(port, n), connections, 0, tmp)
+    cpu = sum(ps.cpu_times()[:2]) - cpu0
+    ok = r["statuses"].get("200", 0)
+    out = {"rate": n / r["elapsed"], "cpu_ms": cpu / n * 1e3, "rss_mb": ps.memory_info().rss / 2**20,
+           "ok": ok, "other": n - ok, "client_cpu_ms": r["cpu_s"] / n * 1e3}
+    print(f"{kind:>4}: {out['rate']:8.0f} msg/s saturated (c={connections}, n={n})  server CPU "
+          f"{out['cpu_ms']:.2f} ms/msg  RSS {out['rss_mb']:.0f} MB  non-200 {out['other']}  "
+          f"(client CPU {out['client_cpu_ms']:.3f} ms/msg)")
+    return out
+
+
+def open_loop(kind: str, port: int, rate: float, seconds: float, tmp: Path) -> None:
+    n = max(200, int(rate * seconds))
+    r = drive(port, signed(port, n), 256, rate, tmp)
+    lat = sorted(r["latencies"])
+    ok = r["statuses"].get("200", 0)
+    print(f"{kind:>4}: open loop at {rate:.0f} msg/s for {n / rate:.0f} s: p50 {pct(lat, 0.5):.1f} ms  "
+          f"p99 {pct(lat, 0.99):.1f} ms  max {lat[-1] * 1e3:.1f} ms  non-200 {n - ok}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("-n", type=int, default=3000)
-    ap.add_argument("-c", "--concurrency", type=int, default=64)
+    ap.add_argument("-n", type=int, default=5000)
+    ap.add_argument("-c", "--concurrency", type=int, default=32)
+    ap.add_argument("--open-rate", type=float, default=0.0, help="offered rate for the latency run (default: half "
+                    "the full endpoint's saturation rate)")
+    ap.add_argument("--open-seconds", type=float, default=10.0)
     ap.add_argument("--serve")
     ap.add_argument("--port", type=int)
     ap.add_argument("--db")
@@ -170,18 +211,14 @@ def main() -> None:
         serve(a.serve, a.port, a.db, a.cent)
         return
 
-    import tempfile
-
     import psycopg
 
-    from whatrack.store.api import Store
+    from whatrack.store import Store
 
-    admin = "postgresql://postgres@127.0.0.1:5432/postgres"
     tmp = Path(tempfile.mkdtemp(prefix="bench-webhook-"))
-    pg = None
-    if not servers.postgres_answers(admin):
-        pg = servers.EmbeddedPostgres(tmp / "pg").start()
-        admin = pg.url
+    pg = servers.EmbeddedPostgres(tmp / "pg").start()
+    admin = pg.url
+    _pin_postgres(admin)
     dbname = f"bench_webhook_{uuid.uuid4().hex[:8]}"
     db_url = servers.create_database(admin, dbname)
     procs: list[subprocess.Popen[bytes]] = []
@@ -198,30 +235,38 @@ def main() -> None:
 
         asyncio.run(prepare())
         with centrifugo_process(tmp) as cent_url:
-            results = {}
+            results: dict[str, dict[str, Any]] = {}
+            ports: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
             for kind in ("bare", "full"):
                 proc, port = start_server(kind, db_url, cent_url)
                 procs.append(proc)
-                url = f"http://127.0.0.1:{port}{WEBHOOK_PATH}"
-                warm = [(b, sign(b, url, KEY_CURRENT)) for b in bodies(200)]
-                asyncio.run(load(url, warm, a.concurrency))
-                reqs = [(b, sign(b, url, KEY_CURRENT)) for b in bodies(a.n)]
-                rate, lat, errors = asyncio.run(load(url, reqs, a.concurrency))
-                lat.sort()
-                results[kind] = rate
-                print(f"{kind:>4}: {rate:8.0f} msg/s  p50 {statistics.median(lat) * 1e3:6.1f} ms  "
-                      f"p99 {lat[int(len(lat) * 0.99)] * 1e3:6.1f} ms  errors {errors}  (n={a.n}, c={a.concurrency})")
-                proc.terminate()
-                proc.wait(10)
-        print(f"ratio full/bare: {results['full'] / results['bare']:.2f}  (goal >= 0.5; {os.cpu_count()} cores, "
-              "client, server and PostgreSQL on the same machine)")
+                ports[kind] = (proc, port)
+                results[kind] = measure(kind, port, proc, a.n, a.concurrency, tmp)
+            rate = a.open_rate or results["full"]["rate"] / 2
+            for kind in ("bare", "full"):
+                open_loop(kind, ports[kind][1], rate, a.open_seconds, tmp)
+        ratio = results["full"]["rate"] / results["bare"]["rate"]
+        print(f"ratio full/bare: {ratio:.2f}  (goal >= 0.5; CPU per message full/bare "
+              f"{results['full']['cpu_ms'] / results['bare']['cpu_ms']:.1f}x; {os.cpu_count()} cores: server on CPU "
+              f"{SERVER_CPU}, PostgreSQL, Centrifugo and the client on CPU {OTHER_CPU})")
     finally:
         for p in procs:
             if p.poll() is None:
-                p.kill()
+                p.terminate()
+                p.wait(10)
         servers.drop_database(admin, dbname)
-        if pg:
-            pg.stop()
+        pg.stop()
+        pg.remove()
+
+
+def _pin_postgres(url: str) -> None:
+    """Pin the postmaster (backends fork from it later and inherit its CPU) off the server's CPU."""
+    import psutil
+
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    for c in psutil.net_connections("tcp"):
+        if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid:
+            pin(c.pid, OTHER_CPU)
 
 
 if __name__ == "__main__":
