@@ -90,6 +90,7 @@ def test_dry_run_writes_nothing(mig: Pair, tmp_path: Path) -> None:
     rep = copy(mig.source_url, mig.target_url, dry_run=True, ca_bundle=mig.ca, progress=False,
                checkpoint_path=tmp_path / "ck.json")
     assert rep.dry_run and rep.copied == rep.scanned > 1000
+    assert "would pause 1 queue(s)" in rep.verdict and "nothing written" in rep.verdict and "paused," not in rep.verdict
     with clients(mig) as (s, t):
         assert t.dbsize() == 0
         assert s.hget(f"bull:{QUEUE}:meta", "paused") is None  # not even paused
@@ -178,6 +179,8 @@ def test_cli_copy_verify_exit_codes_and_no_secret_in_output(mig: Pair, monkeypat
                                                            capsys: pytest.CaptureFixture[str],
                                                            caplog: pytest.LogCaptureFixture) -> None:
     _fill(mig, jobs=50)
+    monkeypatch.setenv("XDG_STATE_HOME", str(mig.workdir / "state"))  # the CLI's default checkpoint goes there
+    monkeypatch.delenv("WHATRACK_STACK_DIR", raising=False)
     monkeypatch.setenv("LEGACY_REDIS_URL", mig.source_url)
     monkeypatch.setenv("UPSTASH_REDIS_URL", mig.target_url)
     monkeypatch.setenv("WHATRACK_REDIS_CA_BUNDLE", mig.ca)

@@ -2,7 +2,8 @@
 
 DUMP/RESTORE ... REPLACE in pipelined batches where the two servers' formats match, a per-type logical copy (temp
 key + RENAME) where they do not. The SCAN cursor and the counts go to a checkpoint file, replaced atomically after
-every batch, so a crashed copy resumes where it was; a re-run is harmless because every write replaces.
+every batch, so a crashed copy resumes where it was (its writes all replace). A target that already holds a copy is
+never copied over silently: see :mod:`whatrack.migration.guard`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import redis
 from whatrack import redis_tcp
 from whatrack.errors import MigrationError
 from whatrack.migration import queues as migration_queues
+from whatrack.migration.guard import TargetState, inspect_target, iso_ms, read_marker
 from whatrack.migration.keys import (
     BULL_PREFIX,
     CUTOVER_KEY,
@@ -160,7 +162,11 @@ class Checkpoint:
 
 @dataclass
 class CopyReport:
-    """The outcome of :func:`copy`. ``cutover_ms`` is the rollback marker (epoch ms when the queues were paused)."""
+    """The outcome of :func:`copy`. ``cutover_ms`` is the rollback marker (epoch ms when the queues were paused).
+
+    ``refusal``: a dry run over a target that already holds a copy says what a real copy would refuse; ``forced``: what
+    a ``force=True`` copy overwrote (and where the marker moved from, ``marker_moved_from``).
+    """
 
     source: str
     target: str
@@ -177,16 +183,29 @@ class CopyReport:
     resumed: bool
     seconds: float
     checkpoint: str | None
+    refusal: str | None = None
+    forced: str | None = None
+    marker_moved_from: int | None = None
 
     @property
     def verdict(self) -> str:
-        what = "would copy" if self.dry_run else "copied"
-        dbs = ", ".join(f"db{d}: {n}" for d, n in sorted(self.per_db.items()))
+        n = len(self.queues)
+        if self.dry_run:
+            head = (f"copy {self.mode} (dry run): would copy {self.copied} of {self.scanned} keys{self._dbs()}, "
+                    f"would pause {n} queue(s); nothing written")
+            return head + (f"; {self.refusal}" if self.refusal else "")
         active = sum(self.active_left.values())
-        tail = f"; {active} job(s) still active, copied with their locks" if active else ""
-        return (f"copy {self.mode}{' (dry run)' if self.dry_run else ''}: {what} {self.copied} of {self.scanned} "
-                f"keys ({dbs}) in {self.seconds:.1f} s, {self.vanished} expired meanwhile, {len(self.queues)} "
-                f"queue(s) paused{', resumed from checkpoint' if self.resumed else ''}{tail}")
+        moved = (f"; the cutover marker moved from {iso_ms(self.marker_moved_from)} to {iso_ms(self.cutover_ms)} "
+                 "(--force)" if self.marker_moved_from else "")
+        return (f"copy {self.mode}: copied {self.copied} of {self.scanned} keys{self._dbs()} in {self.seconds:.1f} s, "
+                f"{self.vanished} expired meanwhile, {n} queue(s) paused, cutover at {iso_ms(self.cutover_ms)}"
+                f"{', resumed from checkpoint' if self.resumed else ''}"
+                f"{f'; {active} job(s) still active, copied with their locks' if active else ''}{moved}")
+
+    def _dbs(self) -> str:
+        if not self.scanned:
+            return " (nothing to copy: the source is empty)"
+        return " (" + ", ".join(f"db{d}: {n}" for d, n in sorted(self.per_db.items())) + ")"
 
 
 def choose_mode(source_url: str, target_url: str, mode: Mode, ca_bundle: str | None) -> Literal["dump", "logical"]:
@@ -203,84 +222,93 @@ def choose_mode(source_url: str, target_url: str, mode: Mode, ca_bundle: str | N
     return "dump" if rep.dump_compatible else "logical"
 
 
+@dataclass
+class _Plan:
+    """Before anything is written: resume a checkpoint, or start over; what is on the target if it holds a copy."""
+
+    ck: Checkpoint | None
+    state: TargetState
+
+
+def _plan(source_url: str, target_url: str, dst: redis.Redis, path: Path | None, dry_run: bool,
+          ca_bundle: str | None, db_prefix_map: dict[int, str] | None, prefix: str) -> _Plan:
+    """Read the checkpoint and the target's marker; a checkpoint is resumed only when it is unfinished and the
+    target's marker is the one that copy wrote (anything else means the target moved on since).
+
+    Raises:
+        MigrationError: the checkpoint is unreadable or belongs to another source/target pair.
+    """
+    ck = Checkpoint.load(path) if path else None
+    if ck is not None and (ck.source, ck.target) != (mask_url(source_url), mask_url(target_url)):
+        raise MigrationError(f"checkpoint {path} belongs to a copy of {ck.source} to {ck.target}; pass another "
+                             "--checkpoint or delete it")
+    marker = read_marker(dst)
+    at_ms = int(marker["at_ms"]) if marker.get("at_ms") else None
+    note = ""
+    if ck is not None and not ck.done and at_ms == ck.cutover_ms:
+        return _Plan(None if dry_run else ck, TargetState(target=mask_url(target_url) or ""))
+    if ck is not None:
+        note = (f"a copy at {iso_ms(ck.cutover_ms)} finished" if ck.done else
+                f"an unfinished copy at {iso_ms(ck.cutover_ms)}, but the target's marker is "
+                f"{iso_ms(at_ms) if at_ms else 'gone (was the target emptied?)'}")
+    state = inspect_target(source_url, target_url, marker, checkpoint=str(path) if ck is not None else None,
+                           checkpoint_note=note, ca_bundle=ca_bundle, db_prefix_map=db_prefix_map, prefix=prefix)
+    return _Plan(None, state)
+
+
 def copy(source_url: str, target_url: str, *, mode: Mode = "auto", checkpoint_path: str | Path | None = None,
          dry_run: bool = False, batch: int = 500, db_prefix_map: dict[int, str] | None = None,
          pause_queues: bool = True, active_wait_s: float = 30.0, progress: bool = True,
-         ca_bundle: str | None = None, prefix: str = BULL_PREFIX) -> CopyReport:
+         ca_bundle: str | None = None, prefix: str = BULL_PREFIX, force: bool = False) -> CopyReport:
     """Copy every key of the source (all its databases) to the target's database.
 
+    A target that already holds a copy (a cutover marker, or a finished checkpoint at ``checkpoint_path``) is not
+    copied over: the error names what is there (keys changed after the cutover included) and the choices. With
+    ``force=True`` the copy goes ahead, warns first what it overwrites, and reports where the marker moved from. An
+    unfinished checkpoint of the copy whose marker is on the target is resumed. ``checkpoint_path`` None: no
+    checkpoint (the CLI's default is :func:`~whatrack.migration.guard.default_checkpoint`).
+
     Raises:
-        MigrationError: a blocker, a refused write, or a checkpoint that belongs to another copy.
+        MigrationError: the target holds a copy (without ``force``), a blocker, a refused write, or a checkpoint
+        that belongs to another copy.
     """
     t0 = time.monotonic()
-    chosen = choose_mode(source_url, target_url, mode, ca_bundle)
     main_db = url_db(source_url)
     src = redis_tcp.connect_sync(source_url, ca_bundle=ca_bundle)
     dst = redis_tcp.connect_sync(target_url, ca_bundle=ca_bundle)
     clients: dict[int, redis.Redis] = {main_db: src}
     path = Path(checkpoint_path) if checkpoint_path else None
+    refusal = forced = None
+    moved_from: int | None = None
     try:
+        plan = _plan(source_url, target_url, dst, path, dry_run, ca_bundle, db_prefix_map, prefix)
+        if plan.state.blocking:
+            if dry_run:
+                refusal = (plan.state.force_notice(int(time.time() * 1000), dry_run=True) if force
+                           else plan.state.refusal(dry_run=True))
+            elif not force:
+                raise MigrationError(plan.state.refusal())
+        chosen = choose_mode(source_url, target_url, mode, ca_bundle)
         queues = find_queues(src, prefix)
-        ck = Checkpoint.load(path) if path and not dry_run else None
-        resumed = ck is not None and not ck.done
-        if ck is not None and (ck.source, ck.target) != (mask_url(source_url), mask_url(target_url)):
-            raise MigrationError(f"checkpoint {path} belongs to a copy of {ck.source} to {ck.target}; pass another "
-                                 "--checkpoint or delete it")
+        ck, resumed = plan.ck, plan.ck is not None
         active_left: dict[str, int] = {}
-        if not resumed:
-            ck = None
         if not dry_run and pause_queues and queues:
             migration_queues.pause_queues(source_url, queues, ca_bundle=ca_bundle, prefix=prefix)
             active_left = wait_for_active(src, queues, active_wait_s, prefix)
         if ck is None:
             ck = Checkpoint(source=mask_url(source_url) or "", target=mask_url(target_url) or "", mode=chosen,
                             cutover_ms=int(time.time() * 1000), dbs=source_databases(src, main_db))
+            if plan.state.blocking and not dry_run:
+                forced, moved_from = plan.state.force_notice(ck.cutover_ms), plan.state.at_ms
+                log.warning("%s", forced)
             if not dry_run:
-                _mark_cutover(dst, src, queues, ck, prefix)
+                _mark_cutover(dst, src, queues, ck, prefix, moved_from)
         else:
             log.info("resuming copy from %s: db %d, cursor %d, %d keys copied", path, ck.dbs[ck.db_index],
                      ck.cursor, ck.copied)
             chosen = "dump" if ck.mode == "dump" else "logical"
-        if not dry_run:
-            for k in dst.scan_iter(match=TMP_PREFIX + b"*", count=1000):  # leftovers of a crashed big-key write
-                dst.delete(k)
-        total = 0
-        for db in ck.dbs:
-            clients.setdefault(db, redis_tcp.connect_sync(with_db(source_url, db), ca_bundle=ca_bundle))
-            total += int(clients[db].dbsize())
-        bar = _bar(total, ck.scanned, progress)
-        while ck.db_index < len(ck.dbs):
-            db = ck.dbs[ck.db_index]
-            c = clients[db]
-            for cursor, keys in scan_batches(c, ck.cursor, batch):
-                keys = [k for k in keys if not is_own_key(k)]
-                if dry_run:
-                    res = BatchResult(copied=len(keys))
-                else:
-                    pairs = [(k, map_to_target(db, k, db_prefix_map, main_db)) for k in keys]
-                    res = copy_batch(c, dst, pairs, chosen)
-                ck.scanned += len(keys)
-                ck.copied += res.copied
-                ck.vanished += res.vanished
-                ck.fallbacks += res.fallbacks
-                ck.per_db[str(db)] = ck.per_db.get(str(db), 0) + res.copied
-                if cursor == 0:
-                    ck.db_index, ck.cursor = ck.db_index + 1, 0
-                else:
-                    ck.cursor = cursor
-                if path and not dry_run:
-                    ck.save(path)
-                if bar is not None:
-                    bar.update(len(keys))
-                if cursor == 0:
-                    break
-        ck.done = True
-        if path and not dry_run:
-            ck.save(path)
-        if bar is not None:
-            bar.close()
-        if not dry_run:
-            dst.hset(CUTOVER_KEY, "completed_ms", int(time.time() * 1000))
+        _copy_all(source_url, ck, clients, dst, None if dry_run else path, dry_run, batch, db_prefix_map, main_db,
+                  chosen, progress, ca_bundle)
     finally:
         for c in {id(c): c for c in (*clients.values(), dst)}.values():
             with contextlib.suppress(redis.RedisError):
@@ -288,16 +316,72 @@ def copy(source_url: str, target_url: str, *, mode: Mode = "auto", checkpoint_pa
     rep = CopyReport(source=ck.source, target=ck.target, mode=chosen, dry_run=dry_run, cutover_ms=ck.cutover_ms,
                      queues=queues, active_left=active_left, scanned=ck.scanned, copied=ck.copied,
                      vanished=ck.vanished, fallbacks=ck.fallbacks, per_db={int(k): v for k, v in ck.per_db.items()},
-                     resumed=resumed, seconds=time.monotonic() - t0, checkpoint=str(path) if path else None)
-    log.info("%s", rep.verdict)
+                     resumed=resumed, seconds=time.monotonic() - t0, checkpoint=str(path) if path else None,
+                     refusal=refusal, forced=forced, marker_moved_from=moved_from)
+    log.debug("%s", rep.verdict)  # the caller prints it (the CLI, a notebook): said once
     return rep
 
 
-def _mark_cutover(dst: redis.Redis, src: redis.Redis, queues: list[str], ck: Checkpoint, prefix: str) -> None:
-    """Record the cutover on the target: when, from where, and each queue's id counter (rollback reads it)."""
+def _copy_all(source_url: str, ck: Checkpoint, clients: dict[int, redis.Redis], dst: redis.Redis,
+              path: Path | None, dry_run: bool, batch: int, db_prefix_map: dict[int, str] | None, main_db: int,
+              chosen: Literal["dump", "logical"], progress: bool, ca_bundle: str | None) -> None:
+    """The SCAN loop over every source database from where ``ck`` is, saving ``ck`` after each batch (to ``path``);
+    marks the copy completed on the target at the end (not in a dry run)."""
+    if not dry_run:
+        for k in dst.scan_iter(match=TMP_PREFIX + b"*", count=1000):  # leftovers of a crashed big-key write
+            dst.delete(k)
+    total = 0
+    for db in ck.dbs:
+        clients.setdefault(db, redis_tcp.connect_sync(with_db(source_url, db), ca_bundle=ca_bundle))
+        total += int(clients[db].dbsize())
+    bar = _bar(total, ck.scanned, progress)
+    while ck.db_index < len(ck.dbs):
+        db = ck.dbs[ck.db_index]
+        c = clients[db]
+        for cursor, keys in scan_batches(c, ck.cursor, batch):
+            keys = [k for k in keys if not is_own_key(k)]
+            if dry_run:
+                res = BatchResult(copied=len(keys))
+            else:
+                pairs = [(k, map_to_target(db, k, db_prefix_map, main_db)) for k in keys]
+                res = copy_batch(c, dst, pairs, chosen)
+            ck.scanned += len(keys)
+            ck.copied += res.copied
+            ck.vanished += res.vanished
+            ck.fallbacks += res.fallbacks
+            ck.per_db[str(db)] = ck.per_db.get(str(db), 0) + res.copied
+            if cursor == 0:
+                ck.db_index, ck.cursor = ck.db_index + 1, 0
+            else:
+                ck.cursor = cursor
+            if path:
+                ck.save(path)
+            if bar is not None:
+                bar.update(len(keys))
+            if cursor == 0:
+                break
+    ck.done = True
+    if path:
+        ck.save(path)
+    if bar is not None:
+        bar.close()
+    if not dry_run:
+        dst.hset(CUTOVER_KEY, "completed_ms", int(time.time() * 1000))
+
+
+def _mark_cutover(dst: redis.Redis, src: redis.Redis, queues: list[str], ck: Checkpoint, prefix: str,
+                  previous_ms: int | None = None) -> None:
+    """Record the cutover on the target: when, from where, and each queue's id counter (rollback reads it); a
+    forced copy replaces the old marker whole (keeping its time as ``previous_at_ms``)."""
     ids = {q: _text(src.get(queue_key(q, "id", prefix)) or b"0") for q in queues}
-    dst.hset(CUTOVER_KEY, mapping={"at_ms": ck.cutover_ms, "source": ck.source, "mode": ck.mode,
-                                   "queue_ids": json.dumps(ids)})
+    mapping: dict[Any, Any] = {"at_ms": ck.cutover_ms, "source": ck.source, "mode": ck.mode,
+                               "queue_ids": json.dumps(ids)}
+    if previous_ms is not None:
+        mapping["previous_at_ms"] = previous_ms
+    pipe = dst.pipeline(transaction=True)
+    pipe.delete(CUTOVER_KEY)
+    pipe.hset(CUTOVER_KEY, mapping=mapping)
+    pipe.execute()
 
 
 def _text(x: Any) -> str:

@@ -126,7 +126,7 @@ def probe(target_url: str, *, ca_bundle: str | None = None, source_url: str | No
         _latency(rep, client)
     finally:
         client.close()
-    log.info("%s", rep.verdict)
+    log.debug("%s", rep.verdict)  # the caller prints it: said once
     return rep
 
 

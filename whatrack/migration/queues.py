@@ -74,7 +74,7 @@ def pause_queues(url: str, queues: list[str], *, ca_bundle: str | None = None, p
         asyncio.run(_set_paused(url, todo, True, ca_bundle, prefix))
     except redis.RedisError as e:
         raise MigrationError(f"pausing queues on {mask_url(url)} failed: {e}") from e
-    log.info("paused %d queue(s) on %s (%d already paused)", len(todo), mask_url(url), len(queues) - len(todo))
+    log.debug("paused %d queue(s) on %s (%d already paused)", len(todo), mask_url(url), len(queues) - len(todo))
 
 
 def resume_queues(url: str, *, ca_bundle: str | None = None, prefix: str = BULL_PREFIX,
@@ -96,7 +96,7 @@ def resume_queues(url: str, *, ca_bundle: str | None = None, prefix: str = BULL_
         asyncio.run(_set_paused(url, names, False, ca_bundle, prefix))
     except redis.RedisError as e:
         raise MigrationError(f"resuming queues on {mask_url(url)} failed: {e}") from e
-    log.info("resumed %d queue(s) on %s: %s", len(names), mask_url(url), ", ".join(names))
+    log.debug("resumed %d queue(s) on %s: %s", len(names), mask_url(url), ", ".join(names))
     return names
 
 

@@ -28,6 +28,7 @@ import redis
 from whatrack import redis_tcp
 from whatrack.errors import MigrationError
 from whatrack.migration.copy import Mode, copy_batch
+from whatrack.migration.guard import NEXT_AFTER_ROLLBACK, iso_ms
 from whatrack.migration.keys import (
     BULL_PREFIX,
     CUTOVER_KEY,
@@ -70,10 +71,19 @@ class RollbackReport:
 
     @property
     def verdict(self) -> str:
-        v = self.verify.verdict if self.verify else "not verified (dry run)"
-        return (f"rollback{' (dry run)' if self.dry_run else ''} since {self.cutover_ms}: {self.jobs_back} job "
-                f"key(s), {self.queue_keys_back} queue key(s), {self.other_keys_back} other key(s) back, "
-                f"{self.deleted_on_source} deleted on the source; {v}")
+        if self.dry_run:
+            return (f"rollback (dry run) since {iso_ms(self.cutover_ms)}: would bring {self.jobs_back} job key(s), "
+                    f"{self.queue_keys_back} queue key(s), {self.other_keys_back} other key(s) back and delete "
+                    f"{self.deleted_on_source} on the source; nothing written")
+        v = self.verify.verdict if self.verify else "not verified"
+        return (f"rollback since {iso_ms(self.cutover_ms)}: {self.jobs_back} job key(s), {self.queue_keys_back} "
+                f"queue key(s), {self.other_keys_back} other key(s) back, {self.deleted_on_source} deleted on the "
+                f"source; {v}")
+
+    @property
+    def next_step(self) -> str:
+        """What the operator does next (the last line the CLI prints)."""
+        return "dry run: nothing changed; run without --dry-run to roll back" if self.dry_run else NEXT_AFTER_ROLLBACK
 
 
 def cutover_marker(target_url: str, *, ca_bundle: str | None = None) -> int | None:
@@ -98,7 +108,8 @@ def rollback(source_url: str, target_url: str, *, since: int | None = None, ca_b
     t0 = time.monotonic()
     since = since if since is not None else cutover_marker(target_url, ca_bundle=ca_bundle)
     if since is None:
-        raise MigrationError(f"no cutover marker on {mask_url(target_url)}: pass since=<epoch ms> (--since)")
+        raise MigrationError(f"no cutover marker on {mask_url(target_url)}: nothing was copied there (run "
+                             "`whatrack migrate copy` first), or pass since=<epoch ms> (--since, ISO-8601 too)")
     if mode == "auto":
         rep_probe = probe(source_url, ca_bundle=ca_bundle, source_url=target_url)
         chosen = "dump" if rep_probe.dump_compatible else "logical"
@@ -151,7 +162,7 @@ def rollback(source_url: str, target_url: str, *, since: int | None = None, ca_b
     rep = RollbackReport(cutover_ms=since, mode=chosen, jobs_back=counts["jobs"], queue_keys_back=counts["queue"],
                          other_keys_back=counts["other"], deleted_on_source=counts["deleted"], dry_run=dry_run,
                          seconds=time.monotonic() - t0, verify=ver)
-    log.info("%s", rep.verdict)
+    log.debug("%s", rep.verdict)  # the caller prints it (the CLI, a notebook): said once
     return rep
 
 

@@ -17,6 +17,7 @@ import redis
 
 from whatrack import redis_tcp
 from whatrack.migration.digest import Digester, Exists
+from whatrack.migration.guard import iso_ms
 from whatrack.migration.keys import (
     BULL_PREFIX,
     STATE_LISTS,
@@ -122,7 +123,7 @@ def verify(source_url: str, target_url: str, *, ca_bundle: str | None = None, tt
             with contextlib.suppress(redis.RedisError):
                 c.close()
     rep.seconds = time.monotonic() - t0
-    log.info("%s (%.1f s)", rep.verdict, rep.seconds)
+    log.debug("%s (%.1f s)", rep.verdict, rep.seconds)  # the caller prints the verdict: said once
     return rep
 
 
@@ -209,7 +210,7 @@ def _compare_jobs(rep: VerifyReport, src: redis.Redis, dst: redis.Redis, q: str,
 def _fmt(x: tuple[str, int | None] | None) -> str:
     if x is None:
         return "absent"
-    return x[0] if x[1] is None else f"{x[0]} due {x[1]}"
+    return x[0] if x[1] is None else f"{x[0]} due {iso_ms(x[1])}"
 
 
 def _n(x: bytes | None) -> str:
