@@ -19,12 +19,13 @@ unless forced: see :mod:`whatrack.migration.guard`.
 """
 
 from whatrack.migration.copy import CopyReport, copy
-from whatrack.migration.guard import copied_yet, default_checkpoint, iso_ms, real_run, reset_devstack_target
+from whatrack.migration.guard import copied_yet, default_checkpoint, real_run, reset_devstack_target
 from whatrack.migration.inventory import Inventory, QueueInventory, inventory
 from whatrack.migration.probe import Finding, ProbeReport, probe
 from whatrack.migration.queues import pause_queues, resume_queues
 from whatrack.migration.rollback import RollbackReport, cutover_marker, rollback
 from whatrack.migration.verify import VerifyReport, verify
+from whatrack.times import iso as iso_ms
 
 __all__ = [
     "CopyReport", "Finding", "Inventory", "ProbeReport", "QueueInventory", "RollbackReport", "VerifyReport",

@@ -23,7 +23,7 @@ import redis
 from whatrack import redis_tcp
 from whatrack.errors import MigrationError
 from whatrack.migration import queues as migration_queues
-from whatrack.migration.guard import TargetState, inspect_target, iso_ms, read_marker
+from whatrack.migration.guard import TargetState, inspect_target, read_marker
 from whatrack.migration.keys import (
     BULL_PREFIX,
     CUTOVER_KEY,
@@ -38,6 +38,7 @@ from whatrack.migration.probe import probe
 from whatrack.migration.queues import find_queues, scan_batches, source_databases, wait_for_active
 from whatrack.migration.values import queue_ttls, read_types, read_values, write_value
 from whatrack.settings import mask_url
+from whatrack.times import iso as iso_ms
 
 log = logging.getLogger("whatrack.migration.copy")
 

@@ -7,7 +7,6 @@
 * :func:`default_checkpoint`: where a copy keeps its checkpoint when none is given (the devstack's folder offline,
   else a per-user state folder), never the working directory.
 * :func:`real_run`: in cloud mode a notebook copies or rolls back for real only when told the target's host name.
-* :func:`iso_ms`: the one way the migration prints a time (ISO-8601, UTC, milliseconds).
 """
 
 from __future__ import annotations
@@ -26,7 +25,9 @@ import redis
 from whatrack import redis_tcp
 from whatrack.errors import MigrationError
 from whatrack.migration.keys import BULL_PREFIX, CUTOVER_KEY
+from whatrack.migration.verify import verify
 from whatrack.settings import mask_url
+from whatrack.times import iso as iso_ms
 
 log = logging.getLogger("whatrack.migration.guard")
 
@@ -41,13 +42,6 @@ NEXT_AFTER_ROLLBACK = ("the legacy Redis's queues stay paused: check it, then re
                        "`whatrack migrate resume --source`")
 
 NOTHING_COPIED = "nothing copied yet: run `whatrack migrate copy` first"
-
-
-def iso_ms(ms: int | None) -> str:
-    """Epoch milliseconds as ISO-8601 UTC (``2026-12-04T13:10:06.123Z``); ``-`` for None."""
-    if ms is None:
-        return "-"
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def parse_time_ms(text: str) -> int:
@@ -159,7 +153,6 @@ def inspect_target(source_url: str, target_url: str, marker: dict[str, str], *, 
     st = TargetState(target=mask_url(target_url) or "", marker=marker, checkpoint=checkpoint,
                      checkpoint_note=checkpoint_note)
     if marker:
-        from whatrack.migration.verify import verify  # here: verify prints its times with iso_ms from this module
 
         v = verify(source_url, target_url, ca_bundle=ca_bundle, db_prefix_map=db_prefix_map, prefix=prefix,
                    check_jobs=False)

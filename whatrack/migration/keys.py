@@ -10,8 +10,10 @@ import re
 from dataclasses import dataclass
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
-#: BullMQ's default key prefix (``bull:<queue>:...``).
-BULL_PREFIX = "bull"
+from whatrack.followups import constants as bullmq_names
+
+#: BullMQ's default key prefix (``bull:<queue>:...``): the one the follow-up queue uses.
+BULL_PREFIX = bullmq_names.KEY_PREFIX
 #: Our own bookkeeping namespace on a server: never copied, never compared.
 OWN_PREFIX = b"whatrack:migration:"
 #: Hash on the target recording the cutover (time, per-queue id counters): read by rollback.
@@ -24,14 +26,13 @@ STATE_LISTS = ("wait", "paused", "active")
 STATE_ZSETS = ("delayed", "prioritized", "completed", "failed", "waiting-children")
 STATES = (*STATE_LISTS, *STATE_ZSETS)
 
-#: Queue-level suffixes (everything in ``bull:<q>:`` that is not one job's key).
-QUEUE_SUFFIXES = frozenset({
-    *STATES, "meta", "id", "marker", "pc", "events", "stalled", "stalled-check", "repeat", "limiter",
-    "de", "metrics", "pcl",
-})
+#: Queue-level suffixes (everything in ``bull:<q>:`` that is not one job's key): the queue's own keys, plus the
+#: dedup (``de:<id>``), metrics and ``pcl`` keys that newer BullMQ versions add.
+QUEUE_SUFFIXES = frozenset({*bullmq_names.QUEUE_KEYS, *STATES, "de", "metrics", "pcl"})
 
 #: Job hash fields that verify compares by name (wire names are BullMQ's).
-JOB_FIELDS = {"attemptsMade": b"atm", "payload": b"data", "delay": b"delay", "timestamp": b"timestamp"}
+JOB_FIELDS = {name: bullmq_names.JOB_FIELDS[name].encode()
+              for name in ("attemptsMade", "payload", "delay", "timestamp")}
 
 
 @dataclass(frozen=True)

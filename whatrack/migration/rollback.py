@@ -28,7 +28,7 @@ import redis
 from whatrack import redis_tcp
 from whatrack.errors import MigrationError
 from whatrack.migration.copy import Mode, copy_batch
-from whatrack.migration.guard import NEXT_AFTER_ROLLBACK, iso_ms
+from whatrack.migration.guard import NEXT_AFTER_ROLLBACK
 from whatrack.migration.keys import (
     BULL_PREFIX,
     CUTOVER_KEY,
@@ -45,6 +45,7 @@ from whatrack.migration.queues import find_queues, pause_queues, scan_batches, s
 from whatrack.migration.values import digest, read_values
 from whatrack.migration.verify import VerifyReport, verify
 from whatrack.settings import mask_url
+from whatrack.times import iso as iso_ms
 
 log = logging.getLogger("whatrack.migration.rollback")
 

@@ -17,7 +17,6 @@ import redis
 
 from whatrack import redis_tcp
 from whatrack.migration.digest import Digester, Exists
-from whatrack.migration.guard import iso_ms
 from whatrack.migration.keys import (
     BULL_PREFIX,
     STATE_LISTS,
@@ -34,6 +33,7 @@ from whatrack.migration.keys import (
 from whatrack.migration.queues import find_queues, scan_batches, source_databases
 from whatrack.migration.values import CHUNK, digest, read_values
 from whatrack.settings import mask_url
+from whatrack.times import iso as iso_ms
 
 log = logging.getLogger("whatrack.migration.verify")
 
