@@ -1,18 +1,24 @@
-"""The Centrifugo stand-in, judged by the official ``cent`` client (B.7), with history kept in Redis."""
+"""The Centrifugo stand-in, judged by the official clients: ``cent`` for the server API (B.7), ``centrifuge-python``
+for the WebSocket client protocol (subscribers get every publication exactly once, recovery after a reconnect), with
+history kept in Redis and namespaces read from a Centrifugo configuration file."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
+import jwt
 import pytest
 from cent import (
     AsyncClient,
     BatchRequest,
     BroadcastRequest,
     ChannelsRequest,
+    DisconnectRequest,
     HistoryRemoveRequest,
     HistoryRequest,
     InfoRequest,
@@ -20,24 +26,62 @@ from cent import (
     PresenceStatsRequest,
     PublishRequest,
     StreamPosition,
+    UnsubscribeRequest,
 )
 from cent.exceptions import CentApiResponseError, CentTransportError, CentUnauthorizedError
+from centrifuge import (
+    Client,
+    ClientEventHandler,
+    ClientState,
+    ConnectingContext,
+    DisconnectedContext,
+    PublicationContext,
+    SubscribedContext,
+    Subscription,
+    SubscriptionEventHandler,
+    UnsubscribedContext,
+)
 from devstack_support import spawn
 
 from whatrack.devstack import servers
+from whatrack.devstack.centrifugo import load_config, parse_config, shipped_config_path
+from whatrack.devstack.fault_proxy import FaultControl
+from whatrack.devstack.stack import running_stack
+from whatrack.errors import ConfigError
+from whatrack.realtime import connection_token, subscription_token
+from whatrack.settings import Settings
 
 KEY = "api-key-for-tests-0123456789"
+SECRET = "hmac-secret-for-tests-9876543210"
+#: A Centrifugo v6 configuration: channels without namespace (history, presence), ``nohist`` (none), ``small``
+#: (history size 3), ``conversation`` as shipped (history, forced recovery, subscription tokens required).
+CONFIG = {
+    "client": {"token": {"hmac_secret_key": ""}, "recovery_max_publication_limit": 300},
+    "channel": {
+        "without_namespace": {"history_size": 1000, "history_ttl": "300s", "presence": True},
+        "namespaces": [{"name": "nohist"}, {"name": "small", "history_size": 3, "history_ttl": "300s"},
+                       {"name": "conversation", "history_size": 1000, "history_ttl": "300s", "presence": True,
+                        "force_recovery": True}],
+    },
+    "http_api": {"key": ""},
+}
 
 
 @pytest.fixture(scope="module")
-def centrifugo(tmp_path_factory: pytest.TempPathFactory, redis_server: servers.RedisServer) -> Iterator[str]:
-    """The stand-in with strict namespaces: default (history, presence), ``nohist`` (none), ``small`` (size 3)."""
+def stand_in(tmp_path_factory: pytest.TempPathFactory, redis_server: servers.RedisServer) -> Iterator[int]:
+    """The stand-in's port, started as the stack starts it, with :data:`CONFIG` as its configuration file."""
     d = tmp_path_factory.mktemp("centrifugo")
+    (d / "config.json").write_text(json.dumps(CONFIG))
     port = servers.free_port()
-    args = ["--port", str(port), "--redis-url", redis_server.url, "--namespace", ":1000:300:presence",
-            "--namespace", "nohist:0:0", "--namespace", "small:3:300"]
-    with spawn("whatrack.devstack.centrifugo", args, {"CENTRIFUGO_API_KEY": KEY}, port, d):
-        yield f"http://127.0.0.1:{port}/api"
+    args = ["--port", str(port), "--redis-url", redis_server.url, "--config", str(d / "config.json")]
+    with spawn("whatrack.devstack.centrifugo", args, {"CENTRIFUGO_API_KEY": KEY,
+                                                      "CENTRIFUGO_TOKEN_HMAC_SECRET_KEY": SECRET}, port, d):
+        yield port
+
+
+@pytest.fixture(scope="module")
+def centrifugo(stand_in: int) -> str:
+    return f"http://127.0.0.1:{stand_in}/api"
 
 
 @pytest.fixture
@@ -159,14 +203,328 @@ async def test_auth_and_transport(centrifugo: str, redis_url: str) -> None:
 
 
 def test_history_survives_a_restart(tmp_path: Path, redis_url: str) -> None:
-    from cent import Client
+    from cent import Client as CentClient
 
-    for round_ in range(2):
+    for round_ in range(2):  # no --config: the shipped whatrack/centrifugo.json
         port = servers.free_port()
         with spawn("whatrack.devstack.centrifugo", ["--port", str(port), "--redis-url", redis_url],
                    {"CENTRIFUGO_API_KEY": KEY}, port, tmp_path):
-            c = Client(f"http://127.0.0.1:{port}/api", KEY)
-            c.publish(PublishRequest(channel="durable", data={"round": round_}))
-            h = c.history(HistoryRequest(channel="durable", limit=-1))
+            c = CentClient(f"http://127.0.0.1:{port}/api", KEY)
+            c.publish(PublishRequest(channel="conversation:durable", data={"round": round_}))
+            h = c.history(HistoryRequest(channel="conversation:durable", limit=-1))
             c.close()
     assert [p.data for p in h.publications] == [{"round": 0}, {"round": 1}]
+
+
+# -- the WebSocket client protocol, judged by centrifuge-python ------------------------------------------------------
+
+
+def _settings() -> Settings:
+    return Settings.from_env({"CENTRIFUGO_TOKEN_HMAC_SECRET_KEY": SECRET}, env_files=())
+
+
+class Collector(ClientEventHandler):
+    """Client events, awaitable: the disconnect code, and connection state changes."""
+
+    def __init__(self) -> None:
+        self.disconnected: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.lost = asyncio.Event()  # the connection went away and the client is reconnecting
+
+    async def on_connecting(self, ctx: ConnectingContext) -> None:
+        if ctx.code != 0:  # 0: connect() called
+            self.lost.set()
+
+    async def on_disconnected(self, ctx: DisconnectedContext) -> None:
+        if not self.disconnected.done():
+            self.disconnected.set_result(ctx.code)
+
+
+class Received(SubscriptionEventHandler):
+    """One subscription's publications (data, offset), its subscribe contexts and the code it was refused with."""
+
+    def __init__(self) -> None:
+        self.pubs: list[tuple[Any, int]] = []
+        self.subscribed: list[SubscribedContext] = []
+        self.refused: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._changed = asyncio.Condition()
+
+    async def on_publication(self, ctx: PublicationContext) -> None:
+        async with self._changed:
+            self.pubs.append((ctx.pub.data, ctx.pub.offset))
+            self._changed.notify_all()
+
+    async def on_subscribed(self, ctx: SubscribedContext) -> None:
+        async with self._changed:
+            self.subscribed.append(ctx)
+            self._changed.notify_all()
+
+    async def on_unsubscribed(self, ctx: UnsubscribedContext) -> None:
+        if not self.refused.done():
+            self.refused.set_result(ctx.code)
+
+    async def wait(self, pubs: int = 0, subscribed: int = 0) -> None:
+        """Until this many publications and subscribes arrived (a hang guard, not a timing assertion)."""
+        async with asyncio.timeout(60), self._changed:
+            await self._changed.wait_for(lambda: len(self.pubs) >= pubs and len(self.subscribed) >= subscribed)
+
+
+def _client(port: int, user: str, events: ClientEventHandler | None = None, token: str | None = None) -> Client:
+    tok = connection_token(_settings(), user) if token is None else token
+    return Client(f"ws://127.0.0.1:{port}/connection/websocket", events=events, token=tok, proxy=None,
+                  min_reconnect_delay=0.05, max_reconnect_delay=0.5)
+
+
+async def _finish(client: Client) -> None:
+    """Disconnect, and let the client's transport close: it closes in a background task (not awaited by
+    ``disconnect()``), which would otherwise be left pending when the test's event loop ends."""
+    await client.disconnect()
+    await asyncio.gather(*list(client._background_tasks), return_exceptions=True)
+
+
+def _subscribe(client: Client, user: str, channel: str) -> tuple[Subscription, Received]:
+    events = Received()
+    sub = client.new_subscription(channel, events=events, token=subscription_token(_settings(), user, channel))
+    return sub, events
+
+
+async def test_subscribers_receive_every_publication_exactly_once(stand_in: int, cent: AsyncClient) -> None:
+    channels = [f"conversation:{n}" for n in (11, 12, 13)]
+    clients, subs = [], {}
+    for user in ("agent-1", "agent-2"):
+        c = _client(stand_in, user)
+        clients.append(c)
+        await c.connect()
+        await c.ready()
+        for ch in channels:
+            sub, got = _subscribe(c, user, ch)
+            await sub.subscribe()
+            await sub.ready()
+            subs[user, ch] = got
+    try:
+        sent = [(channels[i % 3], {"id": f"m{i}", "text": f"olá {i} 👋"}) for i in range(90)]
+        results = await asyncio.gather(*(cent.publish(PublishRequest(channel=ch, data=d)) for ch, d in sent))
+        for (user, ch), got in subs.items():
+            expected = sorted((r.offset, d) for (c, d), r in zip(sent, results, strict=True) if c == ch)
+            await got.wait(pubs=len(expected))
+            # every message stored, in offset order, none twice (the fixed-size wait above would hang on a loss)
+            assert [(off, data) for data, off in got.pubs] == expected, (user, ch)
+        presence = await cent.presence(PresenceRequest(channel=channels[0]))
+        assert sorted(p.user for p in presence.presence.values()) == ["agent-1", "agent-2"]
+    finally:
+        for c in clients:
+            await _finish(c)
+    assert [p.data["id"] for p in (await cent.history(HistoryRequest(channel=channels[0], limit=-1))).publications] \
+        == [d["id"] for ch, d in sent if ch == channels[0]]
+
+
+async def test_recovery_after_reconnect_delivers_what_was_missed(stand_in: int, cent: AsyncClient) -> None:
+    ch = "conversation:77"
+    c = _client(stand_in, "agent-1")
+    sub, got = _subscribe(c, "agent-1", ch)
+    await c.connect()
+    await sub.subscribe()
+    await cent.publish(PublishRequest(channel=ch, data={"n": 0}))
+    await got.wait(pubs=1, subscribed=1)
+    assert got.subscribed[0].recoverable and not got.subscribed[0].was_recovering
+    await c.disconnect()
+    for n in range(1, 6):  # published while the client is away
+        await cent.publish(PublishRequest(channel=ch, data={"n": n}))
+    try:
+        await c.connect()
+        await got.wait(pubs=6, subscribed=2)
+        await cent.publish(PublishRequest(channel=ch, data={"n": 6}))
+        await got.wait(pubs=7)
+    finally:
+        await _finish(c)
+    assert got.subscribed[1].was_recovering and got.subscribed[1].recovered
+    assert got.pubs == [({"n": n}, n + 1) for n in range(7)]
+
+
+async def test_recovery_after_the_stream_was_lost_says_so(stand_in: int, cent: AsyncClient, redis_url: str) -> None:
+    """A reconnect after the channel's stream was lost (new epoch) gets recovered=false: the app must reload."""
+    import redis.asyncio as aredis
+
+    ch = "conversation:78"
+    c = _client(stand_in, "agent-1")
+    sub, got = _subscribe(c, "agent-1", ch)
+    await c.connect()
+    await sub.subscribe()
+    await got.wait(subscribed=1)
+    await c.disconnect()
+    r = aredis.Redis.from_url(redis_url)
+    await r.delete(f"centrifugo:meta:{ch}", f"centrifugo:stream:{ch}")
+    await r.aclose()
+    await cent.publish(PublishRequest(channel=ch, data={"n": 1}))
+    try:
+        await c.connect()
+        await got.wait(subscribed=2)
+    finally:
+        await _finish(c)
+    assert got.subscribed[1].was_recovering and not got.subscribed[1].recovered
+
+
+async def test_error_publish_unknown_namespace(cent: AsyncClient) -> None:
+    """pycent's ``test_error_publish``: a channel in a namespace the configuration lacks is refused with 102."""
+    with pytest.raises(CentApiResponseError, match="unknown channel") as e:
+        await cent.publish(PublishRequest(channel="undefined:channel", data={"data": "data"}))
+    assert e.value.code == 102
+
+
+async def test_subscribe_refusals(stand_in: int) -> None:
+    events = Collector()
+    c = _client(stand_in, "agent-1", events)
+    await c.connect()
+    try:
+        unknown, got_unknown = _subscribe(c, "agent-1", "undefined:channel")
+        await unknown.subscribe()
+        assert await got_unknown.refused == 102  # unknown channel
+        no_token = Received()
+        await c.new_subscription("conversation:5", events=no_token).subscribe()
+        assert await no_token.refused == 103  # permission denied: conversations need a subscription token
+        assert c.state == ClientState.CONNECTED
+        other = Received()  # a subscription token minted for another user closes the connection: invalid token
+        await c.new_subscription("conversation:6", events=other,
+                                 token=subscription_token(_settings(), "agent-2", "conversation:6")).subscribe()
+        assert await events.disconnected == 3500
+    finally:
+        await _finish(c)
+
+
+@pytest.mark.parametrize(("token", "code"), [
+    (jwt.encode({"sub": "agent-1"}, "not-the-secret-but-just-as-long-0123456789", algorithm="HS256"), 3500),
+    ("", 3501),  # no token and anonymous connections not allowed: bad request
+])
+async def test_bad_connection_token_is_refused(stand_in: int, token: str, code: int) -> None:
+    events = Collector()
+    c = _client(stand_in, "agent-1", events, token=token)
+    await c.connect()
+    try:
+        assert await events.disconnected == code
+        assert c.state == ClientState.DISCONNECTED
+    finally:
+        await _finish(c)
+
+
+async def test_expired_connection_token_gets_109(stand_in: int) -> None:
+    import websockets
+
+    old = connection_token(_settings(), "agent-1", ttl_s=60, now=1_000_000)
+    async with websockets.connect(f"ws://127.0.0.1:{stand_in}/connection/websocket", proxy=None) as ws:
+        await ws.send(json.dumps({"id": 1, "connect": {"token": old}}))
+        assert json.loads(await ws.recv()) == {"id": 1, "error": {"code": 109, "message": "token expired"}}
+
+
+async def test_ping_pong_and_no_pong(tmp_path: Path, redis_url: str) -> None:
+    """The server pings with ``{}``; a client that answers stays, one that does not is closed with 3012."""
+    import websockets
+
+    cfg = {**CONFIG, "client": {**CONFIG["client"], "ping_interval": "200ms", "pong_timeout": "200ms"}}
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    port = servers.free_port()
+    args = ["--port", str(port), "--redis-url", redis_url, "--config", str(tmp_path / "c.json")]
+    with spawn("whatrack.devstack.centrifugo", args, {"CENTRIFUGO_API_KEY": KEY,
+                                                      "CENTRIFUGO_TOKEN_HMAC_SECRET_KEY": SECRET}, port, tmp_path):
+        url = f"ws://127.0.0.1:{port}/connection/websocket"
+        async with websockets.connect(url, proxy=None) as ws:
+            await ws.send(json.dumps({"id": 1, "connect": {"token": connection_token(_settings(), "u")}}))
+            reply = json.loads(await ws.recv())
+            assert reply["connect"]["pong"] is True and reply["connect"]["ping"] >= 1
+            for _ in range(3):
+                assert await ws.recv() == "{}"
+                await ws.send("{}")
+            assert await ws.recv() == "{}"  # not answered this time
+            with pytest.raises(websockets.ConnectionClosed) as e:
+                await ws.recv()
+            assert (e.value.rcvd.code, e.value.rcvd.reason) == (3012, "no pong")  # type: ignore[union-attr]
+
+
+def test_configuration_file() -> None:
+    shipped = load_config()
+    assert set(shipped.namespaces) == {"", "conversation"}
+    conv = shipped.namespaces["conversation"]
+    assert conv.history and conv.force_recovery and not conv.allow_subscribe_for_client
+    assert json.loads(shipped_config_path().read_text())["client"]["token"]["hmac_secret_key"] == ""  # no secret
+    v4 = parse_config({"token_hmac_secret_key": "", "history_size": 10, "history_ttl": "1m",
+                       "namespaces": [{"name": "chat", "presence": True}]})
+    assert v4.namespaces[""].history_ttl_s == 60 and v4.namespaces["chat"].presence
+    assert v4.namespace("chat:1") is v4.namespaces["chat"] and v4.namespace("other:1") is None
+    with pytest.raises(ConfigError, match="history_ttl"):
+        parse_config({"channel": {"namespaces": [{"name": "c1", "history_ttl": 300}]}})
+    with pytest.raises(ConfigError, match="defined twice"):
+        parse_config({"channel": {"namespaces": [{"name": "c1"}, {"name": "c1"}]}})
+
+
+def test_token_settings_are_secret() -> None:
+    s = Settings.from_env({"CENTRIFUGO_TOKEN_HMAC_SECRET_KEY": SECRET,
+                           "CENTRIFUGO_WS_URL": "ws://127.0.0.1:8000/connection/websocket"}, env_files=())
+    assert SECRET not in repr(s) and s.masked()["CENTRIFUGO_TOKEN_HMAC_SECRET_KEY"] == "********"
+    assert SECRET in s.secret_values()
+    with pytest.raises(ConfigError, match="CENTRIFUGO_WS_URL"):
+        Settings.from_env({"CENTRIFUGO_WS_URL": "ws://centrifugo.example.com/connection/websocket"}, env_files=())
+    with pytest.raises(ConfigError, match="CENTRIFUGO_TOKEN_HMAC_SECRET_KEY"):
+        connection_token(Settings.from_env({}, env_files=()), "agent-1")
+    claims = jwt.decode(subscription_token(s, "agent-1", "conversation:1"), SECRET, algorithms=["HS256"])
+    assert (claims["sub"], claims["channel"]) == ("agent-1", "conversation:1") and claims["exp"] > claims["iat"]
+
+
+async def test_server_api_unsubscribe_and_disconnect_reach_connections(stand_in: int, cent: AsyncClient) -> None:
+    events = Collector()
+    c = _client(stand_in, "agent-9", events)
+    sub, got = _subscribe(c, "agent-9", "conversation:90")
+    await c.connect()
+    await sub.subscribe()
+    await got.wait(subscribed=1)
+    try:
+        assert (await cent.info(InfoRequest())).nodes[0].num_clients >= 1
+        chans = (await cent.channels(ChannelsRequest(pattern="conversation:*"))).channels
+        assert chans["conversation:90"].num_clients == 1
+        await cent.unsubscribe(UnsubscribeRequest(user="agent-9", channel="conversation:90"))
+        assert await got.refused == 2000  # server unsubscribe
+        await cent.disconnect(DisconnectRequest(user="agent-9"))
+        assert await events.disconnected == 3503  # force disconnect: no reconnect
+    finally:
+        await _finish(c)
+
+
+async def test_stack_env_connects_a_client_that_survives_a_link_outage(tmp_path: Path) -> None:
+    """``whatrack stack env`` holds what a browser-like client needs; through the fault proxy, a cut link loses
+    nothing: what was published meanwhile arrives on reconnect, once."""
+    with running_stack(tmp_path / "stack", parts=["centrifugo"]) as stack:
+        env = stack.env()
+        s = Settings.from_env(env, env_files=())
+        assert s.centrifugo_ws_url and s.centrifugo_api_url and s.centrifugo_api_key
+        direct = next(p.port for p in stack.status() if p.name == "centrifugo")
+        api = AsyncClient(s.centrifugo_api_url, s.centrifugo_api_key.reveal())
+        api_direct = AsyncClient(f"http://127.0.0.1:{direct}/api", s.centrifugo_api_key.reveal())
+        events, got = Collector(), Received()
+        c = Client(s.centrifugo_ws_url, events=events, token=connection_token(s, "agent-1"), proxy=None,
+                   min_reconnect_delay=0.05, max_reconnect_delay=0.5)
+        sub = c.new_subscription("conversation:1", events=got,
+                                 token=subscription_token(s, "agent-1", "conversation:1"))
+        control = FaultControl(env["WHATRACK_FAULT_CENTRIFUGO_URL"])
+        try:
+            await c.connect()
+            await sub.subscribe()
+            await got.wait(subscribed=1)
+            for n in range(3):
+                await api.publish(PublishRequest(channel="conversation:1", data={"n": n}))
+            await got.wait(pubs=3)
+            control.outage()
+            try:
+                await events.lost.wait()
+                for n in range(3, 8):  # while the client is cut off
+                    await api_direct.publish(PublishRequest(channel="conversation:1", data={"n": n}))
+            finally:
+                control.heal()
+            await got.wait(pubs=8, subscribed=2)
+            await api.publish(PublishRequest(channel="conversation:1", data={"n": 8}))
+            await got.wait(pubs=9)
+            with pytest.raises(CentApiResponseError) as e:
+                await api.publish(PublishRequest(channel="org:1", data={"n": 1}))
+            assert e.value.code == 102  # the shipped configuration defines only the conversation namespace
+        finally:
+            await _finish(c)
+            await api.close()
+            await api_direct.close()
+    assert got.pubs == [({"n": n}, n + 1) for n in range(9)]
+    assert got.subscribed[1].was_recovering and got.subscribed[1].recovered

@@ -3,6 +3,10 @@
 Each stored message is published to its conversation's channel (the PRD's ``publishNewMessage(conversationId,
 {id, content, senderType, sentAt})``). The publication carries an ``idempotency_key`` derived from the message, so a
 retried webhook (stored, then realtime failed, then redelivered) or two concurrent redeliveries publish once.
+
+Browsers connect to Centrifugo over WebSocket (``CENTRIFUGO_WS_URL``) with tokens whatrack's backend mints:
+:func:`connection_token` for a user and :func:`subscription_token` for one conversation channel (HS256 JWTs signed
+with ``CENTRIFUGO_TOKEN_HMAC_SECRET_KEY``, Centrifugo's ``client.token.hmac_secret_key``).
 """
 
 from __future__ import annotations
@@ -11,8 +15,11 @@ import logging
 import time
 from typing import Any, Protocol
 
+import jwt
 from cent import (
     AsyncClient,
+    BatchRequest,
+    CentApiResponseError,
     CentError,
     HistoryRequest,
     PublishRequest,
@@ -26,6 +33,47 @@ log = logging.getLogger("whatrack.realtime")
 #: Seconds per call: a realtime server slower than this fails the webhook (5xx) so QStash retries later, rather
 #: than holding the delivery until QStash's own timeout.
 TIMEOUT_S = 5.0
+#: Lifetime of the tokens minted for browsers; Centrifugo asks the client for a fresh one when it runs out.
+TOKEN_TTL_S = 3600
+
+
+def _token_secret(settings: Settings) -> str:
+    settings.require("CENTRIFUGO_TOKEN_HMAC_SECRET_KEY")
+    assert settings.centrifugo_token_hmac_secret_key
+    return settings.centrifugo_token_hmac_secret_key.reveal()
+
+
+def _user(user_id: str) -> str:
+    if not isinstance(user_id, str) or not user_id.strip():
+        raise ValueError("a Centrifugo token needs a non-empty user id (the `sub` claim)")
+    return user_id
+
+
+def connection_token(settings: Settings, user_id: str, *, ttl_s: int = TOKEN_TTL_S, now: float | None = None) -> str:
+    """A Centrifugo connection token (HS256 JWT with ``sub`` and ``exp``) for ``user_id``.
+
+    Raises:
+        ConfigError: ``CENTRIFUGO_TOKEN_HMAC_SECRET_KEY`` is not set.
+        ValueError: ``user_id`` is empty.
+    """
+    issued = int(time.time() if now is None else now)
+    claims = {"sub": _user(user_id), "iat": issued, "exp": issued + ttl_s}
+    return jwt.encode(claims, _token_secret(settings), algorithm="HS256")
+
+
+def subscription_token(settings: Settings, user_id: str, channel: str, *, ttl_s: int = TOKEN_TTL_S,
+                       now: float | None = None) -> str:
+    """A Centrifugo subscription token (``sub``, ``channel``, ``exp``): lets ``user_id`` subscribe to ``channel``.
+
+    Raises:
+        ConfigError: ``CENTRIFUGO_TOKEN_HMAC_SECRET_KEY`` is not set.
+        ValueError: ``user_id`` or ``channel`` is empty.
+    """
+    if not channel:
+        raise ValueError("a subscription token needs a channel")
+    issued = int(time.time() if now is None else now)
+    claims = {"sub": _user(user_id), "channel": channel, "iat": issued, "exp": issued + ttl_s}
+    return jwt.encode(claims, _token_secret(settings), algorithm="HS256")
 
 
 class Publishable(Protocol):
@@ -72,6 +120,38 @@ class Realtime:
         except (OSError, TimeoutError) as e:
             raise PublishError(f"Centrifugo unreachable: {type(e).__name__}") from e
         log.debug("[realtime] published to %s in %.1f ms", stored.channel, (time.perf_counter() - started) * 1e3)
+
+    async def publish_batch(self, items: list[tuple[str, dict[str, Any], str]]) -> list[bool]:
+        """Publish ``(channel, data, idempotency_key)`` items in one ``batch`` call; which of them Centrifugo took.
+
+        When Centrifugo refuses some commands of the batch (cent cannot read such a reply), each item is published
+        on its own to learn which: the idempotency keys make the second attempt of an accepted one a no-op.
+
+        Raises:
+            PublishError: Centrifugo unreachable, timed out, or refused the whole call (a retry may succeed).
+        """
+        if not items:
+            return []
+        requests = [PublishRequest(channel=c, data=d, idempotency_key=k[:256]) for c, d, k in items]
+        try:
+            await self._client.batch(BatchRequest(requests=requests, parallel=True))
+            return [True] * len(items)
+        except (OSError, TimeoutError) as e:
+            raise PublishError(f"Centrifugo unreachable: {type(e).__name__}") from e
+        except (CentError, KeyError) as e:
+            if not isinstance(e, KeyError | CentApiResponseError):
+                raise PublishError(f"Centrifugo batch failed: {type(e).__name__}: {str(e)[:200]}") from e
+        ok: list[bool] = []
+        for req in requests:  # some replies were errors: find out which, one by one
+            try:
+                await self._client.publish(req)
+                ok.append(True)
+            except CentApiResponseError as e:
+                log.warning("[realtime] Centrifugo refused a publication to %s: %s", req.channel, str(e)[:200])
+                ok.append(False)
+            except (CentError, OSError, TimeoutError) as e:
+                raise PublishError(f"Centrifugo publish to {req.channel} failed: {type(e).__name__}") from e
+        return ok
 
     async def history(self, channel: str, limit: int = 100) -> list[dict[str, Any]]:
         """The channel's recent publications (data dicts), oldest first, for checks and the loss ledger.
