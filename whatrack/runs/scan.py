@@ -41,7 +41,8 @@ class Finding:
     Attributes:
         file: path relative to the scanned directory.
         kind: ``secret value`` or the token shape's name.
-        cell: the notebook cell index for ``.ipynb`` files, when the hit is inside a cell.
+        cell: for ``.ipynb`` files, the execution count (``In [N]``) of the cell the hit is in, when it is in an
+            executed code cell (the same number the notebook, its HTML and the run's index show).
         setting: the environment name of the secret matched, when known (a name is not a secret).
     """
 
@@ -88,10 +89,11 @@ def _matches(data: bytes, kind: str, name: str | None, needles: Sequence[tuple[s
     return any(p.search(data) for k, p in TOKEN_SHAPES if k == kind)
 
 
-def _notebook_cells(data: bytes) -> list[bytes] | None:
+def _notebook_cells(data: bytes) -> list[tuple[int | None, bytes]] | None:
+    """Each cell of a notebook file as (its execution count, the number ``In [N]`` shows, or None; its JSON)."""
     try:
         nb = json.loads(data)
-        return [json.dumps(c).encode() for c in nb.get("cells", [])]
+        return [(c.get("execution_count"), json.dumps(c).encode()) for c in nb.get("cells", [])]
     except (ValueError, AttributeError):
         return None
 
@@ -121,9 +123,9 @@ def scan_dir(root: Path, secrets: Iterable[tuple[str | None, str]], *,
             continue
         cells = _notebook_cells(data) if path.suffix == ".ipynb" else None
         for kind, name in hits:
-            cell_hits: list[int | None] = [
-                i for i, cell in enumerate(cells or []) if _matches(cell, kind, name, needles)]
-            findings.extend(Finding(rel, kind, i, name) for i in (cell_hits or [None]))
+            cell_hits: list[int | None] = sorted(
+                {n for n, cell in cells or [] if _matches(cell, kind, name, needles)}, key=lambda n: n or 0)
+            findings.extend(Finding(rel, kind, n, name) for n in (cell_hits or [None]))
     for f in findings:
         log.warning("secrets scan: %s", f.describe())
     return findings
