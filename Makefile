@@ -28,6 +28,7 @@ test: setup
 lint: setup
 	$(BIN)/ruff check whatrack tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 bench: setup
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -16,9 +16,10 @@ from sqlalchemy import text
 
 from whatrack.devstack import centrifugo, servers
 from whatrack.devstack.qstash.sign import sign
+from whatrack.devstack.serving import serving
 from whatrack.settings import WEBHOOK_PATH, Settings
 from whatrack.store.api import Store
-from whatrack.webhook.app import build_handler, create_app, serving
+from whatrack.webhook.app import build_handler, create_app
 from whatrack.webhook.handler import WebhookHandler
 
 #: Key-shaped, but the planted values are unique strings the secrets test greps for.

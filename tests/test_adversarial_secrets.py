@@ -19,9 +19,10 @@ from adversarial_support import CENT_KEY, CURRENT, NEXT, ROTATED_OUT, fresh_endp
 
 from whatrack.devstack import servers
 from whatrack.devstack.qstash.sign import sign
+from whatrack.devstack.serving import serving
 from whatrack.errors import ConfigError
 from whatrack.settings import WEBHOOK_PATH, Settings
-from whatrack.webhook.app import create_app, serving
+from whatrack.webhook.app import create_app
 
 DB_PASSWORD = "pgPw-Planted-9a8b7c6d5e"
 REDIS_PASSWORD = "redisPw-Planted-1q2w3e4r"

@@ -30,10 +30,11 @@ from whatrack.alerts import rules as alerts
 from whatrack.devstack import servers
 from whatrack.devstack.fault_proxy import FaultControl
 from whatrack.devstack.qstash.sign import sign
+from whatrack.devstack.serving import serving
 from whatrack.devstack.stack import running_stack
 from whatrack.settings import Settings, url_password
 from whatrack.store.api import Store
-from whatrack.webhook.app import build_handler, create_app, serving
+from whatrack.webhook.app import build_handler, create_app
 from whatrack.webhook.handler import WebhookHandler
 
 pytestmark = pytest.mark.slow

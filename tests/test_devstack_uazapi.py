@@ -14,8 +14,8 @@ import httpx
 import pytest
 from devstack_support import spawn
 
+from whatrack.demo import DEMO_NAME, DEMO_OWNER, DEMO_TOKEN
 from whatrack.devstack import servers
-from whatrack.devstack.stack import DEMO_NAME, DEMO_OWNER, DEMO_TOKEN
 from whatrack.devstack.uazapi_server import outbound_echo, parse_instances
 
 QSTASH_TOKEN = "qstash-test-token-0123456789"

@@ -54,7 +54,7 @@ def test_scenario_result_verdict_and_row() -> None:
 
 @pytest.fixture
 async def target() -> AsyncIterator[tuple[str, collections.Counter[str]]]:
-    from whatrack.webhook.app import serving
+    from whatrack.devstack.serving import serving
 
     seen: collections.Counter[str] = collections.Counter()
 
@@ -69,7 +69,7 @@ async def target() -> AsyncIterator[tuple[str, collections.Counter[str]]]:
 
 
 async def test_front_answers_503_to_the_asked_share(target: tuple[str, collections.Counter[str]]) -> None:
-    from whatrack.webhook.app import serving
+    from whatrack.devstack.serving import serving
 
     url, seen = target
     front = Front(url, fail_ratio=0.05, seed=3)
@@ -84,7 +84,7 @@ async def test_front_answers_503_to_the_asked_share(target: tuple[str, collectio
 
 async def test_front_delivers_twice_and_reports_a_dead_endpoint(target: tuple[str, collections.Counter[str]]) -> None:
     from whatrack.devstack.servers import free_port
-    from whatrack.webhook.app import serving
+    from whatrack.devstack.serving import serving
 
     url, seen = target
     front = Front(url, duplicate=True)
@@ -104,7 +104,11 @@ async def test_front_delivers_twice_and_reports_a_dead_endpoint(target: tuple[st
 def test_the_fault_matrix_small_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     from whatrack.proof.faults import run_matrix
 
-    cfg = MatrixConfig(n=40, outage_s=1.5, followup_jobs=12, time_scale=0.2, seed=7, settle_timeout=90.0,
+    # Small and fast (the full matrix: `whatrack faults`, MatrixConfig's sizes). time_scale 0.05: QStash's retry
+    # delays (12 s, 148 s, 30 min ...) become 0.6 s, 7.4 s, 90 s, so a delivery that failed twice (e.g. into the
+    # endpoint's restart) is retried after seconds, not half a minute; the third retry still waits longer than any
+    # injected fault lasts.
+    cfg = MatrixConfig(n=40, outage_s=1.5, followup_jobs=12, time_scale=0.05, seed=7, settle_timeout=90.0,
                        idle_s=3.0)
     run = run_matrix(SCENARIOS, cfg, stack_dir=tmp_path / "stack")
     rows = {r["scenario"]: r for r in run.rows()}

@@ -37,12 +37,12 @@ from followups_support import RealtimeForTests, StoreForTests, UazapiStandIn, st
 from whatrack import cli
 from whatrack.devstack import servers
 from whatrack.errors import PayloadError
+from whatrack.followups.cli import parse_duration
 from whatrack.followups.jobs import (
     BACKOFF,
     DEFAULT_JOB_OPTIONS,
     JOB_NAME,
     FollowupJob,
-    parse_duration,
     schedule_followup,
     sent_key,
     to_iso,
@@ -402,7 +402,7 @@ def _serve(module: str, port: int, *args: str, env: dict[str, str]) -> subproces
 
 
 async def test_real_store_uazapi_and_centrifugo_end_to_end(queue: Queue, redis_url: str,
-                                                           make_pg_database: Callable[[], str]) -> None:
+                                                           make_migrated_database: Callable[[], str]) -> None:
     import httpx
     from store_helpers import OWNER, T0, TOKEN, message
 
@@ -410,7 +410,7 @@ async def test_real_store_uazapi_and_centrifugo_end_to_end(queue: Queue, redis_u
     from whatrack.store.api import Store
     from whatrack.uazapi.client import UazapiClient
 
-    store = Store.from_url(make_pg_database())
+    store = Store.from_url(make_migrated_database())
     await store.upgrade()
     inst = await store.register_instance("acme", "inst-a", TOKEN, owner=OWNER)
     lead_id = (await store.save_message(inst, message(sent_at=T0))).lead_id  # replied long before: still sent
@@ -499,7 +499,7 @@ def test_may_have_been_sent_reads_bullmqs_counters() -> None:
 
 
 async def test_real_store_finds_the_cut_attempts_echo_and_sends_the_unsent_job_once(
-        queue: Queue, redis_url: str, make_pg_database: Callable[[], str]) -> None:
+        queue: Queue, redis_url: str, make_migrated_database: Callable[[], str]) -> None:
     import json
 
     import httpx
@@ -511,7 +511,7 @@ async def test_real_store_finds_the_cut_attempts_echo_and_sends_the_unsent_job_o
     from whatrack.uazapi.client import UazapiClient
     from whatrack.uazapi.normalizer import normalize, parse_body
 
-    store = Store.from_url(make_pg_database())
+    store = Store.from_url(make_migrated_database())
     await store.upgrade()
     inst = await store.register_instance("acme", "inst-a", TOKEN, owner=OWNER)
     lead_id = (await store.save_message(inst, message(sent_at=T0))).lead_id

@@ -183,9 +183,10 @@ async def test_the_ledger_catches_loss_from_a_handler_that_acks_before_committin
     from urllib.parse import urlsplit
 
     from whatrack.devstack.fault_proxy import FaultControl
+    from whatrack.devstack.serving import serving
     from whatrack.proof.load import LoadConfig, Progress, run_load
     from whatrack.settings import Settings
-    from whatrack.webhook.app import build_handler, create_app, serving
+    from whatrack.webhook.app import build_handler, create_app
 
     settings = Settings.from_env(stack_env, env_files=())
     handler = _AckFirst.wrap(build_handler(settings))

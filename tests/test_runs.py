@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 import nbformat
 import pytest
 
+from whatrack.devstack.stack import Stack
 from whatrack.errors import RunError
+from whatrack.runs import cli as runs_cli
 from whatrack.runs import execute as runs
 from whatrack.runs import params as runs_params
 from whatrack.runs import scan as runs_scan
+from whatrack.runs.execute import secret_pairs
+from whatrack.settings import Settings
+
+#: Loggers ``whatrack.logs.configure`` turns down.
+QUIETED = ("httpx", "httpcore", "asyncio", "aiosqlite", "urllib3", "alembic")
 
 PARAMS = "sample_size: int = 3  # messages\nlabel: str = 'x'  # a label\nratio: float = 0.5  # a ratio\n" \
          "dry_run: bool = True  # copy nothing"
@@ -33,7 +41,7 @@ def write_nb(path: Path, *cells: str, params: str = PARAMS, title: str = "Tiny p
 
 def cli(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="whatrack")
-    runs.add_commands(parser.add_subparsers())
+    runs_cli.add_commands(parser.add_subparsers())
     args = parser.parse_args(argv)
     return int(args.func(args))
 
@@ -215,6 +223,62 @@ def test_a_secret_printed_by_a_notebook_fails_the_run_without_showing_it(tmp_pat
             b = p.read_bytes()
             assert token.encode() not in b and jwt.encode() not in b, p
     assert "secret value (QSTASH_TOKEN)" in (out.run_dir / "index.html").read_text()
+
+
+@pytest.mark.slow
+def test_a_run_on_the_running_devstack_reuses_it_and_leaks_none_of_its_secrets(devstack: Stack,
+                                                                               tmp_path: Path) -> None:
+    """``whatrack run --stack-dir`` on a running devstack (what a second ``make run`` does): the stack is reused,
+    the kernels get its settings (TLS Redis answers), printing the settings shows none of its generated secrets."""
+    from whatrack.cli import main
+
+    nb_dir = tmp_path / "nb"
+    write_nb(nb_dir / "00_probe.ipynb",
+             "import whatrack.runs\nfrom whatrack import redis_tcp\nfrom whatrack.settings import Settings\n"
+             "settings = Settings.from_env()\nprint(settings)",
+             "r = redis_tcp.connect_sync(settings.upstash_redis_url, ca_bundle=settings.redis_ca_bundle)\n"
+             "pong = r.ping()\nr.close()\nassert pong",
+             "whatrack.runs.record('00_probe', {'checks': [whatrack.runs.check('target answers', pong, "
+             "settings.mode)]})", title="Probe")
+    write_nb(nb_dir / "90_acceptance.ipynb",
+             "import whatrack.runs\nr = whatrack.runs.load_results()",
+             "whatrack.runs.record('90_acceptance', {'criteria': [whatrack.runs.criterion("
+             "'the stack answers', r['00_probe']['passed'], 'ping')]})", title="Acceptance")
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level, {n: logging.getLogger(n).level for n in QUIETED}
+    try:  # the real entry point, which configures logging for the process: put the test session's back after it
+        code = main(["run", "--notebooks", str(nb_dir), "--runs-dir", str(tmp_path / "runs"), "--stack-dir",
+                     str(devstack.dir), "-p", "sample_size=2"])
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+        for name, level in saved[2].items():
+            logging.getLogger(name).setLevel(level)
+    (run_dir,) = [d for d in (tmp_path / "runs").iterdir() if d.is_dir()]
+    data = json.loads((run_dir / "run.json").read_text())
+    assert code == 0, data["failure"]
+    assert data["mode"] == "offline" and data["stack"]["how"].startswith("reused")
+    assert devstack.is_up()  # a reused stack is not stopped by the run
+    assert data["phases"][0]["results"]["checks"][0]["passed"] is True
+    assert data["acceptance"] == [{"criterion": "the stack answers", "verdict": "pass", "evidence": "ping"}]
+    printed = (run_dir / "00_probe" / "00_probe.ipynb").read_text()
+    assert "Settings(" in printed and "QSTASH_TOKEN=" in printed  # the settings were printed, masked
+    assert data["scan"]["clean"] is True, data["scan"]
+    secrets = [v for _, v in secret_pairs(Settings.from_env(devstack.env(), env_files=()))]
+    assert len(secrets) >= 3  # the stack's generated secrets were among the scan's needles
+    for p in run_dir.rglob("*"):
+        if p.is_file():
+            assert not any(v.encode() in p.read_bytes() for v in secrets), p
+
+
+def test_provenance_names_the_checkout_and_the_packages() -> None:
+    """What the runs of the phase notebooks record about where they came from (git commit, package versions)."""
+    from whatrack.runs import report
+
+    notebooks = Path(__file__).resolve().parent.parent / "notebooks"
+    prov = report.provenance(notebooks)
+    if (notebooks.parent / ".git").exists():
+        assert prov["git_commit"]
+    assert prov["packages"]["bullmq"] and prov["packages"]["papermill"] and prov["python"]
 
 
 # -- the scan itself -----------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 import whatrack.uazapi.normalizer as uazapi
 from whatrack.errors import PayloadError
 from whatrack.events import STATUS_ORDER, Ignored, InstanceEvent, MessageEvent, ReceiptEvent
+from whatrack.uazapi import cli as uazapi_cli
 
 OWN = Path(__file__).resolve().parent / "fixtures" / "uazapi"
 OWNER = "5511999990000"
@@ -633,6 +634,6 @@ def test_cli_output_round_trips_unicode_and_lone_surrogates(fixtures_dir: Path, 
     body["message"]["text"] = text
     path = tmp_path / "odd.json"
     path.write_text(json.dumps(body), encoding="ascii")  # \ud800 travels as a JSON escape, as it may on the wire
-    assert uazapi._cmd_normalize(argparse.Namespace(paths=[str(path)])) == 0
+    assert uazapi_cli._cmd_normalize(argparse.Namespace(paths=[str(path)])) == 0
     [line] = capsys.readouterr().out.splitlines()
     assert json.loads(line)["text"] == text

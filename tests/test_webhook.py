@@ -1,13 +1,14 @@
-"""The webhook path end to end over real HTTP: signed delivery → endpoint → PostgreSQL/SQLite → Centrifugo stand-in.
+"""The webhook path end to end over real HTTP: signed delivery → endpoint → PostgreSQL → outbox → Centrifugo stand-in.
 
-Every test runs on PostgreSQL and on SQLite. Deliveries are signed exactly as QStash signs (``qstash_sign.sign``).
+The endpoint runs on PostgreSQL only (SQLite is refused at start-up). Deliveries are signed exactly as QStash signs
+(``qstash_sign.sign``). The endpoint answers right after its commit; its outbox publisher publishes to Centrifugo.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +18,11 @@ from sqlalchemy import text
 
 from whatrack.devstack import centrifugo, servers
 from whatrack.devstack.qstash.sign import sign
+from whatrack.devstack.serving import serving
 from whatrack.realtime import Realtime
 from whatrack.settings import WEBHOOK_PATH, Settings
 from whatrack.store.api import Store
-from whatrack.webhook.app import create_app, serving
+from whatrack.webhook.app import create_app
 
 CURRENT = "sig_testCurrentKey0000000000000000"
 NEXT = "sig_testNextKey000000000000000000"
@@ -55,14 +57,24 @@ class Env:
     async def publications(self, conversation_id: int) -> list[dict[str, object]]:
         return await self.realtime.history(f"conversation:{conversation_id}")
 
+    async def published_rows(self) -> list[dict[str, object]]:
+        return await wait_published(self.store)
 
-@pytest.fixture(params=["postgresql", "sqlite"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "postgresql":
-        libpq = request.getfixturevalue("make_pg_database")()
-        url = Settings.from_env({"DATABASE_URL": libpq}, env_files=()).database_url
-    else:
-        url = f"sqlite+aiosqlite:///{tmp_path / 'whatrack.db'}"
+
+async def wait_published(store: Store, *, within_s: float = 30.0) -> list[dict[str, object]]:
+    """The message rows once every one is marked published by the outbox publisher (fails after ``within_s``)."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    while True:
+        rows = await store.message_rows()
+        if all(r["published_at"] is not None for r in rows):
+            return rows
+        assert asyncio.get_running_loop().time() < deadline, f"not published within {within_s} s: {rows}"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def db_url(make_migrated_database: Callable[[], str]) -> str:
+    url = Settings.from_env({"DATABASE_URL": make_migrated_database()}, env_files=()).database_url
     assert url
     return url
 
@@ -99,8 +111,7 @@ async def test_signed_delivery_stores_every_row_and_publishes_once(env: Env) -> 
     counts = await env.store.counts()
     for table in ("organization", "instance", "lead", "conversation", "ticket", "message"):
         assert counts[table] == 1, (table, counts)
-    [row] = await env.store.message_rows()
-    assert row["published_at"] is not None
+    [row] = await env.published_rows()
     [pub] = await env.publications(row["conversation_id"])
     assert pub["senderType"] == "LEAD"
     assert pub["id"] == row["message_id"]
@@ -129,9 +140,7 @@ async def test_same_delivery_twice_and_twenty_concurrent_store_once_publish_once
     assert [r.status_code for r in results] == [200] * 20
     assert sorted(r.json()["status"] for r in results).count("stored") == 1
     assert await env.message_count() == 2
-    rows = await env.store.message_rows()
-    for row in rows:
-        assert row["published_at"] is not None
+    rows = await env.published_rows()
     pubs = await env.publications(rows[0]["conversation_id"])
     assert sorted(p["externalId"] for p in pubs) == sorted(r["external_id"] for r in rows)  # once each
 
@@ -207,8 +216,8 @@ async def test_receipt_updates_status(env: Env) -> None:
         assert (await conn.execute(text("SELECT status FROM message"))).scalar_one() == "delivered"
 
 
-async def test_realtime_down_then_back_stores_once_and_publishes(db_url: str, redis_url: str,
-                                                                 fixtures_dir: Path) -> None:
+async def test_realtime_down_answers_200_and_publishes_once_when_back(db_url: str, redis_url: str,
+                                                                     fixtures_dir: Path) -> None:
     store = await _registered_store(db_url, fixtures_dir)
     cent_port, port = servers.free_port(), servers.free_port()
     public = f"http://127.0.0.1:{port}{WEBHOOK_PATH}"
@@ -222,26 +231,39 @@ async def test_realtime_down_then_back_stores_once_and_publishes(db_url: str, re
         async with httpx.AsyncClient(timeout=30) as c:
             return await c.post(public, content=body, headers={"Upstash-Signature": sign(body, public, CURRENT)})
 
+    fast = {"sweep_s": 0.2, "backoff_s": (0.05, 0.5)}
     try:
-        async with serving(create_app(settings), port=port):
-            r = await post()  # Centrifugo not running yet
-            assert r.status_code == 503 and r.json()["error"] == "realtime_unavailable"
+        async with serving(create_app(settings, publisher_options=fast), port=port):
+            r = await post()  # Centrifugo not running yet: stored, answered, not published
+            assert r.status_code == 200 and r.json()["status"] == "stored", r.text
+            assert (await post()).json()["status"] == "duplicate"
             [row] = await store.message_rows()
-            assert row["published_at"] is None  # stored, not yet published: QStash will retry
+            assert row["published_at"] is None
             async with serving(centrifugo.create_app(redis_url, CENT_KEY, NAMESPACES), port=cent_port) as cent_base:
-                r = await post()
-                assert r.status_code == 200 and r.json()["status"] == "duplicate"
-                [row] = await store.message_rows()
-                assert row["published_at"] is not None
+                [row] = await wait_published(store)
                 rt = Realtime(f"{cent_base}/api", CENT_KEY)
                 assert len(await rt.history(f"conversation:{row['conversation_id']}")) == 1
                 await rt.aclose()
                 async with httpx.AsyncClient() as c:
                     metrics = (await c.get(f"http://127.0.0.1:{port}/metrics")).text
-                assert 'whatrack_webhooks_total{outcome="transient"} 1.0' in metrics
-                assert "whatrack_realtime_publish_failures_total 1.0" in metrics
+                assert 'whatrack_webhooks_total{outcome="transient"} 0.0' in metrics
+                assert 'whatrack_webhooks_total{outcome="stored"} 1.0' in metrics
+                assert "whatrack_realtime_publish_failures_total 0.0" not in metrics  # the outage was counted
+                assert "whatrack_realtime_publish_lag_seconds_count 1.0" in metrics
     finally:
         await store.aclose()
+
+
+async def test_the_endpoint_refuses_sqlite(tmp_path: Path) -> None:
+    from whatrack.errors import ConfigError
+    from whatrack.webhook.app import build_handler
+
+    settings = Settings.from_env({
+        "DATABASE_URL": f"sqlite:///{tmp_path}/w.db", "QSTASH_CURRENT_SIGNING_KEY": CURRENT,
+        "QSTASH_NEXT_SIGNING_KEY": NEXT, "WEBHOOK_PUBLIC_URL": "http://127.0.0.1:9/x",
+        "CENTRIFUGO_API_URL": "http://127.0.0.1:9/api", "CENTRIFUGO_API_KEY": CENT_KEY}, env_files=())
+    with pytest.raises(ConfigError, match="PostgreSQL only"):
+        build_handler(settings)
 
 
 async def test_database_stopped_mid_test_then_back(tmp_path: Path, redis_url: str, fixtures_dir: Path) -> None:

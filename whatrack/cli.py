@@ -1,4 +1,4 @@
-"""The ``whatrack`` command. Each subcommand lives in the module it drives; this file only wires them.
+"""The ``whatrack`` command. Each subcommand lives in its subpackage's ``cli`` module; this file only wires them.
 
 Exit codes: 0 all good; 1 the work found a failure (a verdict, a check); 2 a usage or configuration error. Every
 failure prints one line that says what failed and what to do.
@@ -17,24 +17,26 @@ from whatrack.errors import WhatrackError
 
 log = logging.getLogger("whatrack.cli")
 
-#: Which module adds each top-level command. Each module defines ``add_commands(subparsers)``; a subcommand's
-#: parser sets ``func``, a callable taking the parsed args and returning the exit code. Only the module behind the
-#: command being run is imported, so ``whatrack normalize`` does not pay for importing papermill and bullmq.
+#: The command module behind each top-level command: its subpackage's ``cli``. Each defines
+#: ``add_commands(subparsers)``; a subcommand's parser sets ``func``, a callable taking the parsed args and returning
+#: the exit code. Only the module behind the command being run is imported, so ``whatrack normalize`` does not pay for
+#: importing papermill and bullmq. A command module imports the code it drives when the command runs.
 COMMANDS = {
-    "run": "whatrack.runs.execute", "report": "whatrack.runs.execute", "lab": "whatrack.runs.execute",
+    "run": "whatrack.runs.cli", "report": "whatrack.runs.cli", "lab": "whatrack.runs.cli",
     "stack": "whatrack.devstack.cli",
-    "serve": "whatrack.webhook.app",
-    "replay": "whatrack.proof.replay",
-    "instances": "whatrack.store.api", "db": "whatrack.store.api",
-    "normalize": "whatrack.uazapi.normalizer",
-    "worker": "whatrack.followups.jobs", "followup": "whatrack.followups.jobs",
+    "serve": "whatrack.webhook.cli",
+    "instances": "whatrack.store.cli", "db": "whatrack.store.cli",
+    "normalize": "whatrack.uazapi.cli",
+    "worker": "whatrack.followups.cli", "followup": "whatrack.followups.cli",
     "migrate": "whatrack.migration.cli",
-    "loadtest": "whatrack.proof.load",
-    "alerts": "whatrack.alerts.rules",
+    "loadtest": "whatrack.proof.cli", "faults": "whatrack.proof.cli", "replay": "whatrack.proof.cli",
+    "alerts": "whatrack.alerts.cli",
 }
 
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The ``whatrack`` parser: with a known command in ``argv``, only that command's module is imported; without
+    one (``whatrack --help``, ``whatrack``), every command module is, to list them all."""
     parser = argparse.ArgumentParser(prog="whatrack", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"whatrack {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -42,13 +44,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     wanted = next((a for a in argv if a in COMMANDS), None)
     modules = [COMMANDS[wanted]] if wanted else list(dict.fromkeys(COMMANDS.values()))
     for name in modules:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:
-                continue  # a part not built yet
-            raise
-        mod.add_commands(sub)
+        importlib.import_module(name).add_commands(sub)
     return parser
 
 

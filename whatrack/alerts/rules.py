@@ -1,4 +1,4 @@
-"""Alerts (PRD §10.3): five rules over two snapshots of a running service, and ``whatrack alerts check``.
+"""Alerts (PRD §10.3): five rules over two snapshots of a running service (``whatrack alerts``: :mod:`.cli`).
 
 A snapshot reads four sources: the endpoint's ``/metrics`` (Prometheus text), a PING to ``UPSTASH_REDIS_URL``
 (through :mod:`whatrack.redis_tcp`, TLS verified), the QStash DLQ (the official client's ``dlq.list``) and the BullMQ
@@ -9,7 +9,6 @@ could not be read is ``unknown`` (with the reason), never a crash. Rules are dat
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import json
@@ -192,6 +191,32 @@ def queue_backlog(first: Snapshot, second: Snapshot, threshold: float) -> Verdic
     return Verdict(state, float(growth), f"{second.queue.ready} ready (was {first.queue.ready}); {why}")
 
 
+def publish_lag(first: Snapshot, second: Snapshot, threshold: float) -> Verdict:
+    """Messages published to Centrifugo more than ``threshold`` seconds after their commit in the window, or an
+    outbox holding messages at both scrapes while nothing was published (Centrifugo down: the webhook still answers
+    200 and the endpoint's publisher retries, so this is where an outage shows)."""
+    m = _both_metrics(first, second)
+    if isinstance(m, str):
+        return Verdict("unknown", None, m)
+    family, depth_key = "whatrack_realtime_publish_lag_seconds", "whatrack_realtime_outbox_messages"
+    prefix = family + '_bucket{le="'
+    bounds = sorted(float(k[len(prefix):-2]) for k in m[1] if k.startswith(prefix) and "+Inf" not in k)
+    bounds = [b for b in bounds if b <= threshold]
+    if not bounds:
+        return Verdict("unknown", None, f"no publish-lag bucket at or below {threshold:g} s")
+    bucket = f'{prefix}{bounds[-1]}"}}'
+    total = _delta(m[0], m[1], family + "_count")
+    late = max(total - _delta(m[0], m[1], bucket), 0.0)
+    waiting = min(m[0].get(depth_key, 0.0), m[1].get(depth_key, 0.0))
+    if late > 0:
+        return Verdict("firing", late, f"{late:.0f} of {total:.0f} publications more than {bounds[-1]:g} s after "
+                                       "their commit")
+    if waiting > 0 and total == 0:
+        return Verdict("firing", waiting, f"{waiting:.0f} message(s) waiting in the outbox, none published in the "
+                                          "window: Centrifugo down or no publisher running")
+    return Verdict("ok", 0.0, f"{total:.0f} publication(s) in the window, none late")
+
+
 def default_rules(*, slow_s: float = 10.0, window_s: float = 30.0) -> tuple[Rule, ...]:
     """The PRD §10.3 rules (plus DLQ and backlog). ``slow_s``: what counts as a slow delivery (handler timeout 20 s)."""
     def slow(a: Snapshot, b: Snapshot, t: float) -> Verdict:
@@ -208,6 +233,8 @@ def default_rules(*, slow_s: float = 10.0, window_s: float = 30.0) -> tuple[Rule
              window_s, "critical", "messages"),
         Rule("queue_backlog", "follow-up jobs piling up with no worker consuming", queue_backlog, 0, window_s,
              "warning", "jobs"),
+        Rule("publish_lag", "messages reaching Centrifugo late or not at all (realtime outbox)", publish_lag, 10,
+             window_s, "critical", "messages"),
     )
 
 
@@ -247,8 +274,8 @@ async def ping_redis(settings: Settings) -> tuple[bool | None, str | None]:
     if not settings.upstash_redis_url:
         return None, "UPSTASH_REDIS_URL is not set"
     import redis.asyncio as aredis
+    from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
-    from redis.retry import Retry
 
     from whatrack import redis_tcp
 
@@ -292,7 +319,7 @@ async def queue_sample(settings: Settings, queue_name: str | None = None) -> tup
     if not settings.upstash_redis_url:
         return None, "UPSTASH_REDIS_URL is not set"
     from whatrack import redis_tcp
-    from whatrack.followups import jobs as followups
+    from whatrack.followups import constants as followups
 
     prefix = f"{followups.KEY_PREFIX}:{queue_name or followups.QUEUE_NAME}:"
     client = redis_tcp.connect(settings.upstash_redis_url, ca_bundle=settings.redis_ca_bundle,
@@ -380,7 +407,7 @@ def default_metrics_url(settings: Settings) -> str | None:
     return urlunsplit((p.scheme, p.netloc, "/metrics", "", ""))
 
 
-# -- the CLI ----------------------------------------------------------------------------------------------------------
+# -- parsing ---------------------------------------------------------------------------------------------------------
 
 
 def parse_window(text: str) -> float:
@@ -393,52 +420,3 @@ def parse_window(text: str) -> float:
     if seconds <= 0:
         raise ValueError(f"{text!r} is not a window like 30s, 1m, 500ms or 2 (seconds)")
     return seconds
-
-
-def _seconds(text: str) -> float:
-    try:
-        return parse_window(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _cmd_check(args: argparse.Namespace) -> int:
-    import os
-
-    settings = Settings.from_env()
-    metrics_url = args.metrics_url or default_metrics_url(settings)
-    notify_url = args.notify_url or os.environ.get("WHATRACK_ALERT_WEBHOOK_URL") or None
-    rules = default_rules(slow_s=args.slow_seconds, window_s=args.window)
-    results = asyncio.run(check(settings, metrics_url=metrics_url, window_s=args.window, rules=rules))
-    print(render_table(results))
-    if notify_url:
-        problem = asyncio.run(notify(notify_url, results))
-        if problem:
-            print(f"whatrack alerts: {problem}")
-    firing = [r.rule for r in results if r.state == "firing"]
-    if firing:
-        print(f"whatrack alerts: firing: {', '.join(firing)}")
-        return 1
-    return 0
-
-
-def _cmd_rules(args: argparse.Namespace) -> int:
-    for r in default_rules():
-        limit = f"> {r.threshold:g} {r.unit}"
-        print(f"{r.name:<20} {r.severity:<8} {limit:<16} {r.description}")
-    return 0
-
-
-def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("alerts", help="evaluate the PRD §10.3 alert rules against a running service")
-    s = p.add_subparsers(dest="alerts_command", metavar="SUBCOMMAND", required=True)
-    c = s.add_parser("check", help="two snapshots WINDOW apart; exit 1 when a rule fires")
-    c.add_argument("--metrics-url", default=None, help="default: /metrics beside WEBHOOK_PUBLIC_URL")
-    c.add_argument("--window", type=_seconds, default=30.0, help="time between the two snapshots (default 30s)")
-    c.add_argument("--notify-url", default=None,
-                   help="POST firing alerts here as JSON (default: env WHATRACK_ALERT_WEBHOOK_URL)")
-    c.add_argument("--slow-seconds", type=float, default=10.0,
-                   help="a delivery slower than this counts as slow (default 10; the handler times out at 20)")
-    c.set_defaults(func=_cmd_check)
-    r = s.add_parser("rules", help="list the rules and thresholds")
-    r.set_defaults(func=_cmd_rules)

@@ -1,8 +1,109 @@
-"""``whatrack worker`` and ``whatrack followup ...``; ``python -m whatrack.followups.cli`` runs the worker alone."""
+"""``whatrack worker`` and ``whatrack followup schedule``; ``python -m whatrack.followups.cli`` runs the worker alone.
+
+The queue (:mod:`whatrack.followups.jobs`) and the worker (:mod:`whatrack.followups.worker`) are imported by the
+command that runs, not by building the parser.
+"""
 
 from __future__ import annotations
 
-from whatrack.followups.worker import cli_main
+import argparse
+import asyncio
+import sys
+from datetime import UTC, datetime, timedelta
+
+from whatrack import logs
+from whatrack.durations import parse_seconds
+from whatrack.errors import ConfigError, WhatrackError
+from whatrack.followups.constants import DEFAULT_CONCURRENCY
+from whatrack.settings import Settings
+
+
+def parse_duration(text: str) -> timedelta:
+    """``"10m"``, ``"1h30m"``, ``"45s"``, ``"500ms"``, ``"2d"`` or plain seconds (``"90"``) as a timedelta.
+
+    Raises:
+        ValueError: not a duration (the message shows good ones).
+    """
+    return timedelta(seconds=parse_seconds(text))
+
+
+def _duration_arg(text: str) -> timedelta:
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _redis_from_env() -> tuple[str, str | None]:
+    settings = Settings.from_env()
+    settings.require("UPSTASH_REDIS_URL")
+    assert settings.upstash_redis_url
+    return settings.upstash_redis_url, settings.redis_ca_bundle
+
+
+def _cmd_schedule(args: argparse.Namespace) -> int:
+    from whatrack.followups.jobs import open_queue, schedule_followup
+
+    url, ca = _redis_from_env()
+
+    async def go() -> str:
+        q = open_queue(url, ca_bundle=ca)
+        try:
+            return await schedule_followup(q, organization_id=args.organization_id, instance_id=args.instance_id,
+                                           lead_id=args.lead_id, text=args.text,
+                                           run_at=datetime.now(UTC) + args.in_, job_id=args.job_id)
+        finally:
+            await q.close()
+
+    job_id = asyncio.run(go())
+    print(job_id)
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from whatrack.followups import worker
+
+    return worker.main(concurrency=args.concurrency, context=args.context)
+
+
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``whatrack worker`` and ``whatrack followup schedule``."""
+    w = subparsers.add_parser("worker", help="run the follow-up worker (UPSTASH_REDIS_URL) until SIGTERM/SIGINT")
+    w.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="jobs run at the same time")
+    w.add_argument("--context", default=None, metavar="MODULE:FUNCTION",
+                   help="async factory (settings) -> WorkerContext; default: the real store, UAZAPI and Centrifugo")
+    w.set_defaults(func=_cmd_worker)
+
+    f = subparsers.add_parser("followup", help="follow-up jobs")
+    fsub = f.add_subparsers(dest="followup_command", metavar="ACTION", required=True)
+    s = fsub.add_parser("schedule", help="schedule one follow-up (prints its job id)")
+    s.add_argument("--organization-id", type=int, required=True)
+    s.add_argument("--instance-id", type=int, required=True)
+    s.add_argument("--lead-id", type=int, required=True)
+    s.add_argument("--text", required=True)
+    s.add_argument("--in", dest="in_", type=_duration_arg, required=True, metavar="DURATION",
+                   help="when, from now: 10m, 1h30m, 45s, 2d")
+    s.add_argument("--job-id", default=None, help="stable id: scheduling again with it is a no-op")
+    s.set_defaults(func=_cmd_schedule)
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    """``python -m whatrack.followups.cli [--concurrency N] [--context M:F]``: ``whatrack worker`` without loading every
+    other subcommand's module."""
+    from whatrack.followups import worker
+
+    parser = argparse.ArgumentParser(prog="python -m whatrack.followups.cli", description="run the follow-up worker")
+    parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY)
+    parser.add_argument("--context", default=None, metavar="MODULE:FUNCTION")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logs.configure("DEBUG" if args.verbose else "INFO")
+    try:
+        return worker.main(concurrency=args.concurrency, context=args.context)
+    except WhatrackError as e:
+        print(f"whatrack worker: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+
 
 if __name__ == "__main__":
     raise SystemExit(cli_main())

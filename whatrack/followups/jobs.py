@@ -1,6 +1,8 @@
-"""The ``followup`` BullMQ queue: its constants, the job payload (wire format shared with Node), scheduling, the CLI.
+"""The ``followup`` BullMQ queue: the job payload (wire format shared with Node) and scheduling.
 
-The worker that runs the jobs lives in :mod:`whatrack.followups.worker`; ``python -m whatrack.followups.cli`` starts it.
+The names and options live in :mod:`whatrack.followups.constants`; the worker that runs the jobs in
+:mod:`whatrack.followups.worker`; the commands in :mod:`whatrack.followups.cli` (``python -m whatrack.followups.cli``
+starts the worker).
 
 Wire format (BullMQ job ``follow-up`` in queue ``followup``; camelCase, written by Node producers too)::
 
@@ -23,86 +25,54 @@ Unknown keys are ignored (a newer producer may add some); a malformed payload fa
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import logging
 import math
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import redis.asyncio as aredis
 from bullmq import Queue
 
 from whatrack import redis_tcp
-from whatrack.durations import parse_seconds
 from whatrack.errors import PayloadError, QueueError
+from whatrack.followups.constants import (
+    ATTEMPTS,
+    BACKOFF,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_JOB_OPTIONS,
+    DRAIN_DELAY_S,
+    JOB_FIELDS,
+    JOB_KEY_SUFFIXES,
+    JOB_NAME,
+    KEY_PREFIX,
+    LOCK_DURATION_MS,
+    MAX_STALLED_COUNT,
+    MAX_TEXT_CHARS,
+    PAYLOAD_VERSION,
+    QUEUE_KEYS,
+    QUEUE_NAME,
+    REMOVE_ON_COMPLETE,
+    REMOVE_ON_FAIL,
+    SENT_KEY_SUFFIX,
+    SENT_RECORD_TTL_S,
+    STALLED_INTERVAL_MS,
+    sent_key,
+)
 
 log = logging.getLogger("whatrack.followups.jobs")
 
-# -- BullMQ constants: every key name and default in one place -------------------------------------------------------
+# The BullMQ vocabulary (names, options, timings) lives in whatrack.followups.constants, re-exported here (``__all__``)
+# for callers that import it from the queue module.
 
-#: Queue and job name used by the existing Node producers (PRD): both languages must agree on them.
-QUEUE_NAME = "followup"
-JOB_NAME = "follow-up"
-#: BullMQ's default key prefix. Every key of the queue is ``bull:followup:<suffix>``.
-KEY_PREFIX = "bull"
-#: The queue-level keys BullMQ keeps under ``bull:followup:`` (protocols/bullmq.md §4); the migration copies them all.
-#: ``id`` is the auto-id counter and must be copied, or new jobs overwrite old ones.
-QUEUE_KEYS = (
-    "id", "wait", "paused", "active", "delayed", "prioritized", "pc", "completed", "failed", "waiting-children",
-    "stalled", "stalled-check", "marker", "meta", "events", "limiter", "repeat",
-)
-#: Per-job keys: ``bull:followup:<id>`` (hash), ``:lock`` (PX lockDuration), ``:logs``; dedup keys ``:de:<id>``.
-JOB_KEY_SUFFIXES = ("", ":lock", ":logs")
-#: whatrack's own per-job key, ``bull:followup:<id>:sent``: the UAZAPI send result, written right after the send
-#: and before the database write, so a retry never sends twice. Kept under the queue's prefix so a migration that
-#: copies ``bull:followup:*`` carries it along.
-SENT_KEY_SUFFIX = ":sent"
-#: Longer than any job can live (retries end within a minute, failed jobs are kept 14 days): a retried job always
-#: finds its record, and Redis does not keep it forever after BullMQ removed the job.
-SENT_RECORD_TTL_S = 30 * 24 * 3600
-
-#: PRD: 3 attempts, exponential backoff from 5 s: retries 5 s and 10 s after the failures.
-ATTEMPTS = 3
-BACKOFF: dict[str, Any] = {"type": "exponential", "delay": 5_000}
-#: Without limits BullMQ keeps every finished job forever (Upstash bills storage). Completed: a day, at most 1,000,
-#: enough to check recent sends. Failed: 14 days, at most 10,000, enough for someone to look and retry.
-REMOVE_ON_COMPLETE: dict[str, int] = {"age": 24 * 3600, "count": 1_000}
-REMOVE_ON_FAIL: dict[str, int] = {"age": 14 * 24 * 3600, "count": 10_000}
-DEFAULT_JOB_OPTIONS: dict[str, Any] = {
-    "attempts": ATTEMPTS, "backoff": BACKOFF,
-    "removeOnComplete": REMOVE_ON_COMPLETE, "removeOnFail": REMOVE_ON_FAIL,
-}
-
-#: A killed worker's job comes back once its lock expired and a stalled check saw it twice: at most
-#: lockDuration + stalledInterval after the kill (the lock is renewed every lockDuration/2) = 13 s, inside the 15 s
-#: goal. BullMQ's 30 s / 30 s took 31-61 s (protocols/bullmq.md §1.2).
-LOCK_DURATION_MS = 8_000
-STALLED_INTERVAL_MS = 5_000
-#: BullMQ's default 1 fails a job at its second stall (two worker crashes): that would drop a follow-up. 3 still
-#: stops a job that crashes every worker it lands on.
-MAX_STALLED_COUNT = 3
-#: Idle wait per BZPOPMIN, in seconds. New jobs wake the worker at once through the marker key; this only sets how
-#: often an idle worker polls (billed commands on Upstash). BullMQ caps a wait at 10 s anyway.
-DRAIN_DELAY_S = 10
 #: Above the longest BZPOPMIN (10 s): redis-py 8's default of 5 s cut the waits short (protocols/bullmq.md §1.3a).
 SOCKET_TIMEOUT_S = redis_tcp.SOCKET_TIMEOUT_S
-DEFAULT_CONCURRENCY = 10
 #: Seconds a command waits for a free pooled connection before it fails.
 POOL_WAIT_S = 20.0
 
-#: Payload version written by this code.
-PAYLOAD_VERSION = 1
-MAX_TEXT_CHARS = 65_536  # WhatsApp's own limit for a text message
 # BullMQ refuses integer custom ids (they clash with the auto-id counter); ':' separates key parts.
 _JOB_ID_RE = re.compile(r"^(?!\d+$)[A-Za-z0-9_.@-]{1,200}$")
-
-
-def sent_key(job_id: str) -> str:
-    """The Redis key of a job's send record."""
-    return f"{KEY_PREFIX}:{QUEUE_NAME}:{job_id}{SENT_KEY_SUFFIX}"
 
 
 # -- the payload ---------------------------------------------------------------------------------------------------
@@ -268,78 +238,10 @@ async def schedule_followup(queue: Queue, *, organization_id: int, instance_id: 
     return str(added.id)
 
 
-# -- the CLI --------------------------------------------------------------------------------------------------------
-
-def parse_duration(text: str) -> timedelta:
-    """``"10m"``, ``"1h30m"``, ``"45s"``, ``"500ms"``, ``"2d"`` or plain seconds (``"90"``) as a timedelta.
-
-    Raises:
-        ValueError: not a duration (the message shows good ones).
-    """
-    return timedelta(seconds=parse_seconds(text))
-
-
-def _duration_arg(text: str) -> timedelta:
-    try:
-        return parse_duration(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _redis_from_env() -> tuple[str, str | None]:
-    from whatrack.settings import Settings
-
-    settings = Settings.from_env()
-    settings.require("UPSTASH_REDIS_URL")
-    assert settings.upstash_redis_url
-    return settings.upstash_redis_url, settings.redis_ca_bundle
-
-
-def _cmd_schedule(args: argparse.Namespace) -> int:
-    url, ca = _redis_from_env()
-
-    async def go() -> str:
-        q = open_queue(url, ca_bundle=ca)
-        try:
-            return await schedule_followup(q, organization_id=args.organization_id, instance_id=args.instance_id,
-                                           lead_id=args.lead_id, text=args.text,
-                                           run_at=datetime.now(UTC) + args.in_, job_id=args.job_id)
-        finally:
-            await q.close()
-
-    job_id = asyncio.run(go())
-    print(job_id)
-    return 0
-
-
-def _cmd_worker(args: argparse.Namespace) -> int:
-    from whatrack.followups import worker as followups_worker
-
-    return followups_worker.main(concurrency=args.concurrency, context=args.context)
-
-
-def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``whatrack worker`` and ``whatrack followup schedule``."""
-    w = subparsers.add_parser("worker", help="run the follow-up worker (UPSTASH_REDIS_URL) until SIGTERM/SIGINT")
-    w.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="jobs run at the same time")
-    w.add_argument("--context", default=None, metavar="MODULE:FUNCTION",
-                   help="async factory (settings) -> WorkerContext; default: the real store, UAZAPI and Centrifugo")
-    w.set_defaults(func=_cmd_worker)
-
-    f = subparsers.add_parser("followup", help="follow-up jobs")
-    fsub = f.add_subparsers(dest="followup_command", metavar="ACTION", required=True)
-    s = fsub.add_parser("schedule", help="schedule one follow-up (prints its job id)")
-    s.add_argument("--organization-id", type=int, required=True)
-    s.add_argument("--instance-id", type=int, required=True)
-    s.add_argument("--lead-id", type=int, required=True)
-    s.add_argument("--text", required=True)
-    s.add_argument("--in", dest="in_", type=_duration_arg, required=True, metavar="DURATION",
-                   help="when, from now: 10m, 1h30m, 45s, 2d")
-    s.add_argument("--job-id", default=None, help="stable id: scheduling again with it is a no-op")
-    s.set_defaults(func=_cmd_schedule)
-
-
 __all__ = [
-    "ATTEMPTS", "BACKOFF", "DEFAULT_JOB_OPTIONS", "JOB_NAME", "QUEUE_NAME", "FollowupJob",
-    "add_commands", "open_queue", "parse_duration", "schedule_followup", "sent_key", "to_iso",
+    "ATTEMPTS", "BACKOFF", "DEFAULT_CONCURRENCY", "DEFAULT_JOB_OPTIONS", "DRAIN_DELAY_S", "JOB_FIELDS",
+    "JOB_KEY_SUFFIXES", "JOB_NAME", "KEY_PREFIX", "LOCK_DURATION_MS", "MAX_STALLED_COUNT", "MAX_TEXT_CHARS",
+    "PAYLOAD_VERSION", "QUEUE_KEYS", "QUEUE_NAME", "REMOVE_ON_COMPLETE", "REMOVE_ON_FAIL", "SENT_KEY_SUFFIX",
+    "SENT_RECORD_TTL_S", "STALLED_INTERVAL_MS", "FollowupJob", "open_queue", "pooled_client", "schedule_followup",
+    "sent_key", "to_iso",
 ]

@@ -53,7 +53,7 @@ from bullmq import Job, UnrecoverableError
 from whatrack import redis_tcp
 from whatrack.errors import ConfigError, PayloadError, SendError, StackError
 from whatrack.followups.bull import FollowupBullWorker
-from whatrack.followups.jobs import (
+from whatrack.followups.constants import (
     DEFAULT_CONCURRENCY,
     DRAIN_DELAY_S,
     JOB_NAME,
@@ -65,10 +65,9 @@ from whatrack.followups.jobs import (
     REMOVE_ON_FAIL,
     SENT_RECORD_TTL_S,
     STALLED_INTERVAL_MS,
-    FollowupJob,
-    pooled_client,
     sent_key,
 )
+from whatrack.followups.jobs import FollowupJob, pooled_client
 from whatrack.settings import Settings, mask_url
 
 log = logging.getLogger("whatrack.followups.worker")
@@ -537,25 +536,3 @@ def main(*, concurrency: int = DEFAULT_CONCURRENCY, context: str | None = None) 
 
     asyncio.run(go())
     return 0
-
-
-def cli_main(argv: list[str] | None = None) -> int:
-    """``python -m whatrack.followups.cli [--concurrency N] [--context M:F]``: ``whatrack worker`` without loading every
-    other subcommand's module (which takes seconds: notebooks, migrations, ...)."""
-    import argparse
-    import sys
-
-    from whatrack import logs
-    from whatrack.errors import WhatrackError
-
-    parser = argparse.ArgumentParser(prog="python -m whatrack.followups.cli", description="run the follow-up worker")
-    parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY)
-    parser.add_argument("--context", default=None, metavar="MODULE:FUNCTION")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    logs.configure("DEBUG" if args.verbose else "INFO")
-    try:
-        return main(concurrency=args.concurrency, context=args.context)
-    except WhatrackError as e:
-        print(f"whatrack worker: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1

@@ -13,7 +13,6 @@ follow-up worker SIGKILLed with jobs active (:mod:`whatrack.proof.worker_faults`
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -23,7 +22,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -31,9 +30,11 @@ from urllib.parse import urlsplit
 import psutil
 
 from whatrack.devstack.fault_proxy import FaultControl
-from whatrack.errors import ConfigError, StackError, WhatrackError
+from whatrack.errors import StackError, WhatrackError
+from whatrack.proof.config import LoadConfig
+from whatrack.proof.config import MatrixConfig as MatrixConfig  # re-exported
 from whatrack.proof.cost import CommandStats, Projection, command_total, delta, project
-from whatrack.proof.load import EndpointProcess, LoadConfig, LoadResult, Progress, run_load
+from whatrack.proof.load import EndpointProcess, LoadResult, Progress, run_load
 from whatrack.settings import Settings
 
 log = logging.getLogger("whatrack.proof.faults")
@@ -164,23 +165,6 @@ SCENARIOS: tuple[Scenario, ...] = (
 
 # -- running ------------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class MatrixConfig:
-    """Sizes and durations: CI small (the defaults), the full run with ``n >= 5000`` and ``outage_s=10``."""
-
-    n: int = 150
-    outage_s: float = 2.0
-    workers: int = 2
-    time_scale: float = 0.2  # QStash broker backoff scale (1.0 = real QStash delays)
-    seed: int = 1
-    rate: float | None = None
-    concurrency: int = 32
-    settle_timeout: float = 120.0
-    followup_jobs: int = 40
-    idle_s: float = 10.0  # idle window for the Redis command rate (the follow-up worker polling); 0: skip
-    progress: bool = False
-
-
 @dataclass
 class ScenarioResult:
     """One row of the matrix."""
@@ -279,8 +263,8 @@ async def _run_scenario(scn: Scenario, env: dict[str, str], stack_dir: Path, cfg
         await asyncio.to_thread(endpoint.start)
         async with contextlib.AsyncExitStack() as stack:
             if scn.front is not None:
+                from whatrack.devstack.serving import serving
                 from whatrack.proof.front import Front as FrontApp
-                from whatrack.webhook.app import serving
 
                 front = FrontApp(endpoint.url, fail_ratio=scn.front.fail_ratio, duplicate=scn.front.duplicate,
                                  seed=config.seed)
@@ -338,7 +322,7 @@ class MatrixRun:
 
 async def measure_idle(env: dict[str, str], seconds: float) -> int:
     """Redis commands on the Upstash Redis while only the follow-up worker runs (it polls) for ``seconds``."""
-    from whatrack.devstack.stack import DEMO_NAME, DEMO_TOKEN
+    from whatrack.demo import DEMO_NAME, DEMO_TOKEN
     from whatrack.proof.worker_faults import WorkerProcess
 
     worker = WorkerProcess(env | {"UAZAPI_INSTANCE_TOKENS": env.get("UAZAPI_INSTANCE_TOKENS")
@@ -354,7 +338,7 @@ async def measure_idle(env: dict[str, str], seconds: float) -> int:
     return delta(before, after).calls if before and after else 0
 
 
-def run_matrix(scenarios: Sequence[Scenario] = SCENARIOS, cfg: MatrixConfig = MatrixConfig(), *,
+def run_matrix(scenarios: Sequence[Scenario] = SCENARIOS, cfg: MatrixConfig = MatrixConfig(), *,  # noqa: B008 (frozen)
                stack_dir: Path = Path("runs/.faults-stack"), database_url: str | None = None) -> MatrixRun:
     """Bring a stack up in ``stack_dir`` (time-scaled broker), run every scenario in order, measure the idle Redis
     command rate, bring the stack down.
@@ -389,52 +373,3 @@ def run_matrix(scenarios: Sequence[Scenario] = SCENARIOS, cfg: MatrixConfig = Ma
 def table(results: Sequence[ScenarioResult]) -> list[dict[str, Any]]:
     """The matrix as rows (``pandas.DataFrame(table(results))`` in a notebook)."""
     return [r.row() for r in results]
-
-
-# -- the command --------------------------------------------------------------------------------------------------
-
-def _cmd(args: argparse.Namespace) -> int:
-    cfg = MatrixConfig(n=args.messages, outage_s=args.outage, workers=args.workers, time_scale=args.time_scale,
-                       seed=args.seed, concurrency=args.concurrency, rate=args.rate, settle_timeout=args.settle_timeout,
-                       followup_jobs=args.jobs, idle_s=args.idle, progress=False)
-    chosen = [s for s in SCENARIOS if not args.only or s.name in args.only]
-    unknown = set(args.only or ()) - {s.name for s in SCENARIOS}
-    if unknown:
-        raise ConfigError("--only", f"unknown scenario(s) {sorted(unknown)}", ",".join(s.name for s in SCENARIOS))
-    run = run_matrix(chosen, cfg, stack_dir=Path(args.stack_dir))
-    rows = run.rows()
-    cols = ["scenario", "passed", "messages", "ok", "lost", "duplicated", "unexpected", "recovered", "unknown",
-            "retries", "dlq", "stored_per_s", "commit_p99_ms", "seconds"]
-    print("  ".join(cols))
-    for r in rows:
-        print("  ".join(str(r.get(c, "")) for c in cols) + f"  | {r['notes']} {r['error']}".rstrip())
-    projection = run.projection(webhooks_per_day=args.webhooks_per_day, followups_per_day=args.followups_per_day)
-    if projection is not None:
-        print()
-        for row in projection.table():
-            print(f"{row['item']}: {row['projection']}  [{row['plan figure']}]  ({row['source']})")
-    if args.out:
-        out = {"config": asdict(cfg), "rows": rows, "idle_cmds": run.idle_cmds, "idle_s": run.idle_s,
-               "projection": projection.table() if projection else None}
-        Path(args.out).write_text(json.dumps(out, indent=2, default=str))
-    return 0 if run.passed else 1
-
-
-def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("faults", help="run the fault matrix under load and reconcile every message")
-    p.add_argument("-n", "--messages", type=int, default=MatrixConfig.n, help="messages per scenario")
-    p.add_argument("--outage", type=float, default=MatrixConfig.outage_s, help="seconds each outage lasts")
-    p.add_argument("--workers", type=int, default=MatrixConfig.workers, help="uvicorn worker processes")
-    p.add_argument("--time-scale", type=float, default=MatrixConfig.time_scale, help="QStash backoff scale")
-    p.add_argument("--seed", type=int, default=MatrixConfig.seed)
-    p.add_argument("--concurrency", type=int, default=MatrixConfig.concurrency, help="publishes in flight")
-    p.add_argument("--rate", type=float, default=None, help="publishes per second (default: as fast as it goes)")
-    p.add_argument("--settle-timeout", type=float, default=MatrixConfig.settle_timeout)
-    p.add_argument("--jobs", type=int, default=MatrixConfig.followup_jobs, help="follow-up jobs (worker row)")
-    p.add_argument("--idle", type=float, default=MatrixConfig.idle_s, help="idle window for the Redis rate (s)")
-    p.add_argument("--only", type=lambda v: v.split(","), default=None, help="comma-separated scenario names")
-    p.add_argument("--stack-dir", default="runs/.faults-stack")
-    p.add_argument("--webhooks-per-day", type=float, default=20_000.0, help="for the cost projection")
-    p.add_argument("--followups-per-day", type=float, default=2_000.0, help="for the cost projection")
-    p.add_argument("--out", default=None, help="write the rows and the projection as JSON here")
-    p.set_defaults(func=_cmd)

@@ -9,12 +9,11 @@ returns a :class:`LoadResult` (throughput, latency percentiles, retries, DLQ, th
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,10 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from whatrack.devstack import process
 from whatrack.errors import ConfigError, PublishError, StackError, StoreError
+from whatrack.proof.config import DEFAULT_CONCURRENCY as DEFAULT_CONCURRENCY  # re-exported
+from whatrack.proof.config import LoadConfig as LoadConfig  # re-exported
 from whatrack.proof.generate import Webhook, generate, instances_of
 from whatrack.proof.ledger import Ledger, Replay, Sent, classify, collect, dlq_items, replay_dlq
 from whatrack.proof.plots import Percentiles, latency_stats
@@ -39,28 +41,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("whatrack.proof.load")
 
-#: Publishes in flight at once: enough to keep the broker and the endpoint busy on 2 cores without queueing for long
-#: inside the client.
-DEFAULT_CONCURRENCY = 48
 #: Seconds without a new row before the settle wait asks QStash whether the missing messages are still in flight.
 STALL_CHECK_S = 3.0
-
-
-@dataclass(frozen=True)
-class LoadConfig:
-    """What one load run does. Sizes and durations are parameters: CI small, the full run >= 5,000."""
-
-    n: int = 1000
-    seed: int = 0
-    instances: int = 3
-    leads: int = 50
-    rate: float | None = None  # target publishes per second; None: as fast as it goes
-    concurrency: int = DEFAULT_CONCURRENCY
-    retries: int = 3  # QStash delivery retries per message (QStash's default)
-    settle_timeout: float = 180.0  # seconds to wait for the last message after the last publish
-    replay_dlq: bool = True  # republish the DLQ once everything settled, then check again
-    progress: bool = True
-    organization: str | None = None  # default: "whatrack loadtest <seed>"
 
 
 @dataclass
@@ -157,10 +139,7 @@ class EndpointProcess:
 
     def kill(self) -> None:
         """SIGKILL the whole process group (master and workers), as a crash or an OOM kill would."""
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        process.kill_popen(self.proc)
 
     def restart(self) -> None:
         self.kill()
@@ -169,15 +148,7 @@ class EndpointProcess:
 
     def stop(self) -> None:
         """SIGTERM (graceful: in-flight requests finish), then SIGKILL after 15 s."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        process.stop_popen(self.proc, grace=15.0)
         self.proc = None
 
     def tail(self, n: int = 10) -> str:
@@ -227,7 +198,8 @@ async def publish_all(publisher: Publisher, webhooks: Sequence[Webhook], *, rate
 
     A publish that raises is recorded with outcome ``unknown`` (QStash may or may not have it), never as accepted.
     """
-    from tqdm.auto import tqdm
+    # tqdm.auto warns "IProgress not found" on import in a kernel without ipywidgets, even for a disabled bar.
+    tqdm = importlib.import_module("tqdm.auto" if bar else "tqdm.std").tqdm
 
     sem = asyncio.Semaphore(concurrency)
     out: list[Sent | None] = [None] * len(webhooks)
@@ -399,53 +371,3 @@ async def run_load(settings: Settings, config: LoadConfig, *, during: Hook | Non
     log.info("[loadtest] %d messages: %s; %.0f accepted/s, %.0f stored/s, commit %s", len(sent), ledger.summary(),
              result.accepted_per_s, result.stored_per_s, result.commit)
     return result
-
-
-# -- the command --------------------------------------------------------------------------------------------------
-
-def _cmd(args: argparse.Namespace) -> int:
-    settings = Settings.from_env()
-    config = LoadConfig(n=args.messages, seed=args.seed if args.seed is not None else int(time.time()) % 1_000_000,
-                        instances=args.instances, leads=args.leads, rate=args.rate, concurrency=args.concurrency,
-                        retries=args.retries, settle_timeout=args.settle_timeout, replay_dlq=not args.no_replay)
-    endpoint = None
-    if args.serve:
-        env = {k: v for k, v in os.environ.items()}
-        env.update({k: v for k, v in _dotenv().items() if k not in env})
-        endpoint = EndpointProcess(env, workers=args.workers).start()
-    try:
-        result = asyncio.run(run_load(settings, config))
-    finally:
-        if endpoint is not None:
-            endpoint.close()
-    width = max(len(k) for k in result.summary())
-    for k, v in result.summary().items():
-        print(f"{k.ljust(width)}  {v}")
-    print(result.ledger.summary())
-    return 0 if result.passed else 1
-
-
-def _dotenv() -> dict[str, str]:
-    from dotenv import dotenv_values
-
-    return {k: v for k, v in dotenv_values(".env").items() if v is not None} if os.path.isfile(".env") else {}
-
-
-def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("loadtest", help="publish N generated webhooks through QStash and prove none was lost")
-    p.add_argument("-n", "--messages", type=int, default=1000, help="how many webhooks (default 1000)")
-    p.add_argument("--rate", type=float, default=None, help="target publishes per second (default: as fast as it goes)")
-    p.add_argument("--seed", type=int, default=None, help="repeat a run's exact bodies (default: a fresh seed)")
-    p.add_argument("--instances", type=int, default=3)
-    p.add_argument("--leads", type=int, default=50, help="leads (conversations) per instance")
-    p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="publishes in flight")
-    p.add_argument("--retries", type=int, default=3, help="QStash delivery retries per message")
-    p.add_argument("--settle-timeout", type=float, default=180.0)
-    p.add_argument("--no-replay", action="store_true", help="leave the DLQ alone")
-    p.add_argument("--serve", action="store_true",
-                   help="run the endpoint (whatrack serve) as a subprocess on WEBHOOK_PUBLIC_URL's port")
-    p.add_argument("--workers", type=int, default=2, help="uvicorn workers with --serve")
-    p.set_defaults(func=_cmd)
-    from whatrack.proof import faults as faults
-
-    faults.add_commands(sub)

@@ -1,32 +1,28 @@
 """Replay UAZAPI webhook bodies through QStash to the endpoint, and report what each one became.
 
 The path is the production one: publish (official ``qstash`` client) → broker → signed delivery → endpoint → store →
-realtime. ``whatrack replay`` runs it against the configured settings (the devstack offline); with ``--serve`` it
-also runs the endpoint in-process on the port of ``WEBHOOK_PUBLIC_URL``.
+realtime. ``whatrack replay`` (:mod:`whatrack.proof.cli`) runs it against the configured settings (the devstack
+offline); with ``--serve`` it also runs the endpoint in-process on the port of ``WEBHOOK_PUBLIC_URL``.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import contextlib
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from whatrack.demo import DEMO_ORGANIZATION
 from whatrack.errors import ConfigError, PayloadError
 from whatrack.settings import Settings
 
 log = logging.getLogger("whatrack.proof.replay")
-
-#: The organization the demo instances are registered under.
-DEMO_ORGANIZATION = "whatrack demo"
 
 
 def bundled_fixtures() -> list[Path]:
@@ -158,7 +154,8 @@ def _fresh_ids(body: bytes) -> bytes:
 @contextlib.asynccontextmanager
 async def endpoint_for(settings: Settings) -> AsyncIterator[str]:
     """Serve the endpoint in-process on the host/port of ``WEBHOOK_PUBLIC_URL`` (which must be loopback)."""
-    from whatrack.webhook.app import create_app, serving
+    from whatrack.devstack.serving import serving
+    from whatrack.webhook.app import create_app
 
     settings.require("WEBHOOK_PUBLIC_URL")
     assert settings.webhook_public_url
@@ -168,37 +165,3 @@ async def endpoint_for(settings: Settings) -> AsyncIterator[str]:
                           "http://127.0.0.1:8000/api/v1/webhooks/qstash/whatsapp")
     async with serving(create_app(settings), host=parts.hostname, port=parts.port) as url:
         yield url
-
-
-def _print_rows(rows: Sequence[ReplayRow]) -> None:
-    cols = ["file", "event", "expected", "qstash_state", "stored", "published", "ok"]
-    data = [{**asdict(r), "ok": r.ok} for r in rows]
-    widths = {c: max(len(c), *(len(str(d[c])) for d in data)) for c in cols}
-    print("  ".join(c.ljust(widths[c]) for c in cols))
-    for d in data:
-        print("  ".join(str(d[c]).ljust(widths[c]) for c in cols))
-
-
-def _cmd(args: argparse.Namespace) -> int:
-    settings = Settings.from_env()
-    paths = [Path(p) for p in args.paths] or None
-
-    async def main() -> list[ReplayRow]:
-        if args.serve:
-            async with endpoint_for(settings):
-                return await replay(settings, paths, unique=args.unique)
-        return await replay(settings, paths, unique=args.unique)
-
-    rows = asyncio.run(main())
-    _print_rows(rows)
-    bad = [r for r in rows if not r.ok]
-    print(f"{len(rows) - len(bad)}/{len(rows)} bodies ended as expected")
-    return 1 if bad else 0
-
-
-def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("replay", help="replay UAZAPI webhook bodies through QStash to the endpoint")
-    p.add_argument("paths", nargs="*", help="JSON bodies (default: the bundled UAZAPI fixtures)")
-    p.add_argument("--serve", action="store_true", help="run the endpoint in-process on WEBHOOK_PUBLIC_URL's port")
-    p.add_argument("--unique", action="store_true", help="give every message a fresh id")
-    p.set_defaults(func=_cmd)

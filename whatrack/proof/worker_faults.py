@@ -13,26 +13,24 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 
+from whatrack.devstack import process
 from whatrack.errors import StackError
+from whatrack.proof.config import LoadConfig, MatrixConfig
 from whatrack.proof.generate import LoadInstance, generate
 from whatrack.proof.ledger import Observations, Sent, classify, collect
-from whatrack.proof.load import EndpointProcess, LoadConfig, LoadResult
+from whatrack.proof.load import EndpointProcess, LoadResult
 from whatrack.proof.plots import latency_stats
 from whatrack.settings import SECRET_ENV_NAMES, Settings
-
-if TYPE_CHECKING:
-    from whatrack.proof.faults import MatrixConfig
 
 log = logging.getLogger("whatrack.proof.worker_faults")
 
@@ -62,19 +60,12 @@ class WorkerProcess:
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        """SIGKILL the whole process group now."""
+        process.kill_popen(self.proc)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        """SIGTERM to the process group (in-flight jobs finish), then SIGKILL after 20 s."""
+        process.stop_popen(self.proc, grace=20.0)
         self.proc = None
 
     def close(self) -> None:
@@ -96,9 +87,8 @@ async def run_worker_scenario(env: dict[str, str], stack_dir: Path, cfg: MatrixC
     Raises:
         StackError: the stack lacks a part the scenario needs (UAZAPI stand-in, Upstash Redis).
     """
-    from whatrack.devstack.stack import DEMO_NAME, DEMO_OWNER, DEMO_TOKEN
+    from whatrack.demo import DEMO_NAME, DEMO_ORGANIZATION, DEMO_OWNER, DEMO_TOKEN
     from whatrack.followups.jobs import open_queue, schedule_followup
-    from whatrack.proof.replay import DEMO_ORGANIZATION
     from whatrack.realtime import Realtime
     from whatrack.store.api import Store
     from whatrack.uazapi.normalizer import normalize, parse_body
@@ -128,6 +118,7 @@ async def run_worker_scenario(env: dict[str, str], stack_dir: Path, cfg: MatrixC
         for w in inbound:  # one inbound message per lead creates the leads the follow-ups go to
             ev = normalize(parse_body(w.body))
             stored = await store.save_message(inst, ev)  # type: ignore[arg-type]
+            await store.mark_published(stored.message_id)  # set-up, not ledger: keep it out of the endpoint's outbox
             if stored.lead_id not in lead_ids:
                 lead_ids.append(stored.lead_id)
         await asyncio.to_thread(endpoint.start)

@@ -1,7 +1,8 @@
 """The idempotent writes of whatrack: webhook messages, receipts, instance status, follow-up messages.
 
 One :class:`Store` per process, built with :meth:`Store.from_url`. Every public call is one database transaction
-(``store_engine.Database.transaction``): it either commits whole or leaves nothing, and any database failure comes out
+(``store_engine.Database.transaction``; on PostgreSQL the webhook's writes are one asyncpg statement each,
+``store.write.Writer``): it either commits whole or leaves nothing, and any database failure comes out
 as :class:`~whatrack.errors.StoreError` so that the caller answers 5xx and QStash delivers again. Idempotency lives in
 unique constraints (``(organization, provider_id)``, ``(instance, external_id)``, ``job_id``) written with
 ``INSERT ... ON CONFLICT DO NOTHING``: a redelivery, a retry or a race finds the row that is already there.
@@ -9,11 +10,9 @@ unique constraints (``(organization, provider_id)``, ``(instance, external_id)``
 
 from __future__ import annotations
 
-import argparse
 import hmac
 import logging
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -37,38 +36,12 @@ from whatrack.store.models import (
     UTCDateTime,
     utcnow,
 )
+from whatrack.store.refs import InstanceRef as InstanceRef  # re-exported: callers import the refs from here
+from whatrack.store.refs import LeadRef as LeadRef
+from whatrack.store.refs import StoredMessage as StoredMessage
+from whatrack.store.write import Writer
 
 log = logging.getLogger("whatrack.store.api")
-
-
-@dataclass(frozen=True)
-class InstanceRef:
-    id: int
-    organization_id: int
-    name: str
-
-
-@dataclass(frozen=True)
-class LeadRef:
-    id: int
-    phone: str | None
-    remote_jid: str
-    organization_id: int
-
-
-@dataclass(frozen=True)
-class StoredMessage:
-    message_id: int
-    conversation_id: int
-    lead_id: int
-    ticket_id: int
-    organization_id: int
-    external_id: str
-    provider_id: str
-    created: bool  # False when the row already existed (a redelivery / retry)
-    published: bool  # True when published_at was already set
-    channel: str  # Centrifugo channel of the conversation: f"conversation:{conversation_id}"
-    realtime: dict[str, Any]  # the PRD payload plus conversationId, externalId, type, direction
 
 
 def _stored(row: dict[str, Any], *, created: bool) -> StoredMessage:
@@ -83,8 +56,9 @@ def _stored(row: dict[str, Any], *, created: bool) -> StoredMessage:
 class Store:
     """whatrack's database. See the module docstring; every method raises StoreError on a database failure."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, writer: Writer | None = None) -> None:
         self._db = db
+        self._writer = writer
 
     @classmethod
     def from_url(cls, url: str, *, pool_size: int = 10, statement_timeout_ms: int | None = None) -> Store:
@@ -93,12 +67,20 @@ class Store:
         Raises:
             ConfigError: the URL is not a PostgreSQL or SQLite URL.
         """
-        return cls(Database(url, pool_size=pool_size, statement_timeout_ms=statement_timeout_ms))
+        db = Database(url, pool_size=pool_size, statement_timeout_ms=statement_timeout_ms)
+        writer = (Writer(url, safe_url=db.safe_url, pool_size=pool_size, statement_timeout_ms=statement_timeout_ms)
+                  if db.dialect == "postgresql" else None)
+        return cls(db, writer)
 
     @property
     def dialect(self) -> str:
         """``postgresql`` or ``sqlite``."""
         return self._db.dialect
+
+    @property
+    def writer(self) -> Writer | None:
+        """The asyncpg hot path (PostgreSQL only; None on SQLite): the webhook's writes and the realtime outbox."""
+        return self._writer
 
     @property
     def engine(self) -> AsyncEngine:
@@ -114,6 +96,8 @@ class Store:
         return f"Store({self._db.safe_url!r})"
 
     async def aclose(self) -> None:
+        if self._writer is not None:
+            await self._writer.aclose()
         await self._db.dispose()
 
     async def upgrade(self) -> None:
@@ -174,6 +158,11 @@ class Store:
         if rows._UNSTORABLE.search(token) or (instance_name and rows._UNSTORABLE.search(instance_name)):
             return None  # no stored instance can hold a NUL or a lone surrogate: unknown, not a database error
         digest = rows.token_hash(token)
+        if self._writer is not None:
+            found = await self._writer.find_instance(instance_name, digest)
+            if found is None or not hmac.compare_digest(found["token_hash"], digest):
+                return None
+            return InstanceRef(id=found["id"], organization_id=found["organization_id"], name=found["name"])
         q = select(Instance.id, Instance.organization_id, Instance.name, Instance.token_hash)
         q = q.where(Instance.name == instance_name) if instance_name else q.where(Instance.token_hash == digest)
 
@@ -216,6 +205,10 @@ class Store:
         if ev.source.owner:
             rows.check_length("owner", ev.source.owner)
             values["owner"] = ev.source.owner
+        if self._writer is not None:
+            await self._writer.update_instance_status(inst.id, ev.status, values["status_reason"], now,
+                                                      values.get("owner"))
+            return
 
         async def tx(conn: AsyncConnection) -> None:
             await conn.execute(update(Instance).where(Instance.id == inst.id).values(**values))
@@ -233,6 +226,12 @@ class Store:
         """
         rows.check_message_event(ev)
         t0 = time.perf_counter()
+        if self._writer is not None:
+            values = rows.message_values(ev) | {"delivered_at": utcnow() if ev.direction == "inbound" else None}
+            row = await self._writer.save_message(
+                inst.organization_id, inst.id, (ev.lead_jid, ev.lead_phone, rows.lead_name(ev), ev.is_group),
+                not rows.is_edit_or_reaction(ev), values)
+            return _stored(row, created=row["created"])
 
         async def tx(conn: AsyncConnection) -> StoredMessage:
             existing = await steps.find_message(conn, inst, ev.provider_id, ev.external_id)
@@ -368,6 +367,9 @@ class Store:
             values["read_at"] = func.coalesce(Message.read_at, at)
         if ev.status == "deleted":
             values["deleted_at"] = func.coalesce(Message.deleted_at, at)
+        if self._writer is not None:
+            return await self._writer.apply_receipt(inst.id, ids, ev.status, at_value, (set_delivered, set_read),
+                                                    sources)
 
         async def tx(conn: AsyncConnection) -> int:
             changed = 0
@@ -425,9 +427,3 @@ class Store:
             return [dict(r._mapping) for r in await conn.execute(q)]
 
         return await self._db.transaction("message_rows", tx)
-
-def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``whatrack instances add|list`` and ``whatrack db upgrade`` (see ``store_cli``)."""
-    from whatrack.store import cli as store_cli
-
-    store_cli.add_commands(subparsers)

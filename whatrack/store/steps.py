@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from whatrack.store.models import Conversation, Instance, Lead, Message, Ticket, UTCDateTime, utcnow
 
 if TYPE_CHECKING:
-    from whatrack.store.api import InstanceRef
+    from whatrack.store.refs import InstanceRef
 
 #: The columns a StoredMessage is built from.
 STORED_COLUMNS = (Message.id, Message.conversation_id, Message.lead_id, Message.ticket_id, Message.organization_id,

@@ -1,23 +1,21 @@
-"""The UAZAPI webhook normalizer: raw body in, one typed event out (pure, no I/O), and the ``normalize`` command.
+"""The UAZAPI webhook normalizer: raw body in, one typed event out (pure, no I/O); ``whatrack normalize`` is in
+:mod:`whatrack.uazapi.cli`.
 
 ``parse_body`` decodes and unwraps (n8n wrappers, the legacy ``{event, instance, data}`` form); ``normalize`` maps the
 flat ``EventType`` envelope to the dataclasses of :mod:`whatrack.events`. Field meanings, and why each rule is what it
 is, are in ``protocols/uazapi.md`` (section numbers cited below). Every key is optional and every value may have the
 wrong type: on any JSON input the only exception raised is :class:`~whatrack.errors.PayloadError`.
 
-The send client lives in :mod:`whatrack.uazapi.client` and is re-exported here.
+The send client lives in :mod:`whatrack.uazapi.client`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
-import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from whatrack.errors import PayloadError
@@ -49,7 +47,7 @@ from whatrack.uazapi.fields import (
     timestamp,
 )
 
-__all__ = ["add_commands", "normalize", "parse_body", "unwrap"]
+__all__ = ["normalize", "parse_body", "unwrap"]
 
 log = logging.getLogger("whatrack.uazapi.normalizer")
 
@@ -461,41 +459,3 @@ def _json_type(obj: Any) -> str:
 
 def _clip(text: str) -> str:
     return text if len(text) <= _MAX_ECHO else text[:_MAX_ECHO] + "..."
-
-
-# -- the `whatrack normalize` command ---------------------------------------------------------------------------------
-
-
-def normalize_file(path: Path) -> dict[str, Any]:
-    """One output line of ``whatrack normalize``: the event's JSON with ``file``, or an ``error`` line."""
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        return {"file": str(path), "event": "error", "error": f"unreadable: {e.strerror or e}"}
-    try:
-        event = normalize(parse_body(raw))
-    except PayloadError as e:
-        return {"file": str(path), "event": "error", "error": f"{e.reason}: {e.detail}"}
-    return {"file": str(path), **event.to_json()}
-
-
-def _cmd_normalize(args: argparse.Namespace) -> int:
-    failed = 0
-    out = sys.stdout
-    for p in args.paths:
-        line = normalize_file(Path(p))
-        failed += line["event"] == "error"
-        # Lone surrogates (valid JSON escapes) cannot be UTF-8 encoded: write them back as the JSON escape they were.
-        text = json.dumps(line, ensure_ascii=False, default=str) + "\n"
-        out.buffer.write(text.encode("utf-8", "backslashreplace")) if hasattr(out, "buffer") else out.write(text)
-    out.flush()
-    return 1 if failed else 0
-
-
-def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``whatrack normalize PATH...``: print each webhook file's normalized event as one JSON line."""
-    p = subparsers.add_parser("normalize", help="normalize UAZAPI webhook JSON files (one JSON line per file)",
-                              description="Print each file's normalized event as a JSON line; exit 1 if any file "
-                              "cannot be normalized (its line has event=error).")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="webhook body files (raw JSON as UAZAPI posts it)")
-    p.set_defaults(func=_cmd_normalize)

@@ -1,13 +1,13 @@
-"""The ASGI app (Starlette on uvicorn): the QStash webhook route, health, and ``whatrack serve``.
+"""The ASGI app (Starlette on uvicorn): the QStash webhook route, health and metrics (``whatrack serve`` runs it).
 
 ``POST /api/v1/webhooks/qstash/whatsapp[/anything]`` takes QStash deliveries (UAZAPI may append ``/{event}/{type}``);
 ``GET /healthz`` answers while the process is up. Collaborators (store, realtime, verifier) are built once in the
-lifespan from :class:`~whatrack.settings.Settings` and closed on shutdown.
+lifespan from :class:`~whatrack.settings.Settings` and closed on shutdown. The lifespan also runs this process's
+realtime outbox publisher (``webhook.publisher``). The endpoint runs on PostgreSQL only.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -18,9 +18,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from whatrack.errors import ConfigError
 from whatrack.metrics import CONTENT_TYPE, Metrics
 from whatrack.settings import WEBHOOK_PATH, Settings
 from whatrack.webhook.handler import Outcome, WebhookHandler
+from whatrack.webhook.publisher import Publisher
 
 log = logging.getLogger("whatrack.webhook.app")
 
@@ -48,8 +50,12 @@ def _respond(outcome: Outcome) -> Response:
 
 
 def create_app(settings: Settings | None = None, *, handler: WebhookHandler | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES, metrics: Metrics | None = None) -> Starlette:
+               max_body_bytes: int = MAX_BODY_BYTES, metrics: Metrics | None = None,
+               publisher_options: dict[str, Any] | None = None) -> Starlette:
     """Build the app. Without ``handler``, one is built at start-up from ``settings`` (default: the environment).
+
+    ``publisher_options``: keyword arguments of :class:`~whatrack.webhook.publisher.Publisher` (tests shorten the
+    lease, the sweep and the backoff).
 
     Raises:
         ConfigError: at start-up, when a needed setting is missing or malformed.
@@ -66,12 +72,21 @@ def create_app(settings: Settings | None = None, *, handler: WebhookHandler | No
         owned = state["handler"] is None
         if owned:
             state["handler"] = build_handler(settings or Settings.from_env())
-        state["handler"].on_outcome = observe
+        h: WebhookHandler = state["handler"]
+        h.on_outcome = observe
+        publisher = None
+        if h.store.writer is not None:
+            publisher = Publisher(h.store.writer, h.realtime, metrics=metrics, **(publisher_options or {}))
+            publisher.start()
+        else:
+            log.warning("no realtime publisher: the store is not PostgreSQL")
+        app.state.publisher = publisher  # tests and the benchmark read its counters
         try:
             yield
         finally:
+            if publisher is not None:
+                await publisher.stop()
             if owned:
-                h: WebhookHandler = state["handler"]
                 await h.realtime.aclose()
                 await h.store.aclose()
 
@@ -113,6 +128,10 @@ def build_handler(settings: Settings) -> WebhookHandler:
 
     settings.require("DATABASE_URL")
     assert settings.database_url
+    if not settings.database_url.startswith("postgresql"):
+        raise ConfigError("DATABASE_URL", "the webhook endpoint runs on PostgreSQL only (its write is one PL/pgSQL "
+                                          "call and its realtime outbox needs LISTEN/NOTIFY); SQLite stays for "
+                                          "the CLI", "postgresql://user:password@host:5432/whatrack")
     return WebhookHandler(Verifier.from_settings(settings), Store.from_url(settings.database_url),
                           Realtime.from_settings(settings))
 
@@ -120,60 +139,3 @@ def build_handler(settings: Settings) -> WebhookHandler:
 def app_from_env() -> Starlette:
     """uvicorn factory (``--factory whatrack.webhook.app:app_from_env``): settings from the environment and ``.env``."""
     return create_app(Settings.from_env())
-
-
-def _serve(args: argparse.Namespace) -> int:
-    from urllib.parse import urlsplit
-
-    import uvicorn
-
-    settings = Settings.from_env()
-    # Fail fast, naming the variable, before uvicorn starts (the clients themselves are built in the lifespan,
-    # inside the event loop: cent's aiohttp client cannot be made outside one).
-    settings.require("DATABASE_URL", "QSTASH_CURRENT_SIGNING_KEY", "QSTASH_NEXT_SIGNING_KEY", "WEBHOOK_PUBLIC_URL",
-                     "CENTRIFUGO_API_URL", "CENTRIFUGO_API_KEY")
-    port = args.port
-    if port is None:  # offline, the stack reserved a loopback port for us in WEBHOOK_PUBLIC_URL
-        public = urlsplit(settings.webhook_public_url or "")
-        port = public.port if public.hostname in ("127.0.0.1", "localhost") and public.port else 8000
-    log.info("serving %s on %s:%d with %d worker(s)", WEBHOOK_PATH, args.host, port, args.workers)
-    uvicorn.run("whatrack.webhook.app:app_from_env", factory=True, host=args.host, port=port, workers=args.workers,
-                log_level="warning", access_log=False, timeout_graceful_shutdown=30)
-    return 0
-
-
-def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("serve", help="run the webhook endpoint (uvicorn)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=None,
-                   help="default: the port of a loopback WEBHOOK_PUBLIC_URL (offline), else 8000")
-    p.add_argument("--workers", type=int, default=1)
-    p.set_defaults(func=_serve)
-
-
-@contextlib.asynccontextmanager
-async def serving(app: Starlette, *, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
-    """Run ``app`` under uvicorn inside the current event loop; yield its base URL (``http://host:port``).
-
-    Used by the replay, the notebooks and the tests, so that deliveries go over real HTTP.
-    """
-    import asyncio
-
-    import uvicorn
-
-    from whatrack.devstack.servers import free_port
-
-    port = port or free_port(host)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                                           lifespan="on"))
-    task = asyncio.create_task(server.serve())
-    try:
-        while not server.started:
-            if task.done():
-                task.result()  # raises the start-up error (a ConfigError, a port in use)
-                raise RuntimeError("uvicorn stopped during start-up")
-            await asyncio.sleep(0.01)
-        yield f"http://{host}:{port}"
-    finally:
-        server.should_exit = True
-        await task

@@ -13,9 +13,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from whatrack.devstack.qstash.durations import HeaderError, parse_duration_s
+from whatrack.devstack.qstash.http import broker_of, client_ip, json_body, lower_headers, raw_destination
 from whatrack.devstack.qstash.model import Record, is_url, new_id, now_ms
 from whatrack.devstack.qstash.publish import ApiError, next_fire_ms, schedule_record, schedule_view
-from whatrack.devstack.qstash.routes import broker_of, client_ip, json_body, lower_headers, raw_destination
 
 OK = {"ok": True}
 

@@ -12,9 +12,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from whatrack.devstack.qstash.http import DEFAULT_PAGE, MAX_PAGE, broker_of, client_ip, json_body, lower_headers
 from whatrack.devstack.qstash.model import CallbackSettings, PublishSpec, Record, message_view, parse_publish_headers
 from whatrack.devstack.qstash.publish import ApiError, publish
-from whatrack.devstack.qstash.routes import DEFAULT_PAGE, MAX_PAGE, broker_of, client_ip, json_body, lower_headers
 from whatrack.devstack.qstash.store import Store
 
 _RESPONSE_KEYS = ("dlqId", "responseStatus", "responseHeader", "responseBody", "responseBodyBase64")

@@ -8,53 +8,24 @@ pastes the destination URL into the path unencoded.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from whatrack.devstack.qstash.durations import HeaderError
+from whatrack.devstack.qstash.http import (
+    DEFAULT_PAGE,
+    MAX_PAGE,
+    BrokerState,
+    broker_of,
+    client_ip,
+    json_body,
+    lower_headers,
+    raw_destination,
+)
 from whatrack.devstack.qstash.model import Record, event, message_view, now_ms, parse_publish_headers
 from whatrack.devstack.qstash.publish import ApiError, publish, resolve
-
-if TYPE_CHECKING:
-    from whatrack.devstack.qstash.broker import Broker
-
-#: Page size limits of /v2/events and /v2/dlq (OpenAPI: default 100; the py docstring allows up to 1000 for logs).
-DEFAULT_PAGE = 100
-MAX_PAGE = 1000
-
-
-def broker_of(request: Request) -> Broker:
-    b: Broker = request.app.state.broker
-    return b
-
-
-def raw_destination(request: Request, prefix: str) -> str:
-    """The destination after ``prefix`` in the raw path, with the raw query string (``//`` kept as sent)."""
-    raw = request.scope.get("raw_path") or request.scope["path"].encode()
-    path = raw.decode("latin-1").split("?", 1)[0]
-    dest = path[len(prefix):]
-    query = request.scope.get("query_string", b"").decode("latin-1")
-    return f"{dest}?{query}" if query else dest
-
-
-def lower_headers(request: Request) -> dict[str, str]:
-    return {k: v for k, v in request.headers.items()}
-
-
-async def json_body(request: Request) -> Any:
-    raw = await request.body()
-    if not raw.strip():
-        return None
-    try:
-        return json.loads(raw)
-    except ValueError as e:
-        raise ApiError(400, f"request body is not JSON: {e}") from e
-
-
-def client_ip(request: Request) -> str | None:
-    return request.client.host if request.client else None
 
 
 async def publish_route(request: Request) -> Response:
@@ -112,7 +83,7 @@ async def get_message(request: Request) -> Response:
     return JSONResponse(message_view(*got))
 
 
-async def cancel(b: Broker, mid: str) -> bool:
+async def cancel(b: BrokerState, mid: str) -> bool:
     """Cancel one live message: at once when it waits, after its attempt when it is in flight."""
     s = b.store
     got = await s.get_message(mid)
