@@ -1,7 +1,10 @@
 """Migration throughput: keys per second for ``copy`` (both paths) and ``verify``, each as a ratio against a bare
 pipelined DUMP/RESTORE loop over the same keys, measured in the same run on the same servers.
 
-    .venv/bin/python bench/migration.py [--jobs 50000] [--batch 500]
+    .venv/bin/python bench/migration.py [--jobs 100000] [--batch 500]
+
+The full-size migration check too (the test suite runs 20,000 jobs, tests/test_migration_big.py): each copy is
+verified both ways and the bench fails (exit 1) on any missing, extra or mismatched key.
 
 Legacy side: a plain redis-server; target: a TLS redis-server with a generated CA (the offline "Upstash").
 """
@@ -22,6 +25,7 @@ from migration_fixtures import make_jobs, make_other_keys
 from whatrack import redis_tcp
 from whatrack.devstack import servers, tls
 from whatrack.migration import copy, verify
+from whatrack.migration.verify import VerifyReport
 
 
 def bare_dump_restore(source_url: str, target_url: str, ca: str, batch: int) -> int:
@@ -53,7 +57,7 @@ def bare_dump_restore(source_url: str, target_url: str, ca: str, batch: int) -> 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--jobs", type=int, default=50_000)
+    ap.add_argument("--jobs", type=int, default=100_000)
     ap.add_argument("--batch", type=int, default=500)
     args = ap.parse_args()
     d = Path(tempfile.mkdtemp(prefix="bench-migration-"))
@@ -76,11 +80,23 @@ def main() -> int:
         rows.append(timed("copy --mode dump", lambda: copy(a.url, b.url, mode="dump", ca_bundle=ca, batch=args.batch,
                                                          checkpoint_path=d / "ck-dump.json", active_wait_s=0,
                                                          progress=False).copied))
-        rows.append(timed("verify", lambda: verify(a.url, b.url, ca_bundle=ca, batch=args.batch).source_keys))
+        verdicts: list[VerifyReport] = []
+
+        def checked() -> int:
+            v = verify(a.url, b.url, ca_bundle=ca, batch=args.batch)
+            verdicts.append(v)
+            return v.source_keys
+
+        rows.append(timed("verify", checked))
         rows.append(timed("copy --mode logical", lambda: copy(a.url, b.url, mode="logical", ca_bundle=ca,
                                                             batch=args.batch, checkpoint_path=d / "ck-log.json",
                                                             active_wait_s=0, progress=False).copied))
+        rows.append(timed("verify", checked))
         target.close()
+    bad = [v.verdict for v in verdicts if not v.ok or v.jobs < args.jobs]
+    if bad:
+        print(f"FAILED: the copy is not complete: {'; '.join(bad)}", file=sys.stderr)
+        return 1
     base = rows[0][1] / rows[0][2]
     print(f"{'step':26} {'keys':>8} {'seconds':>8} {'keys/s':>9} {'vs bare loop':>12}")
     for label, n, s in rows:

@@ -80,7 +80,7 @@ def _fixtures(fixtures_dir: Path) -> dict[str, dict[str, Any]]:
     return {p.name: json.loads(p.read_text()) for p in sorted(fixtures_dir.glob("*.json"))}
 
 
-FIXTURES = _fixtures(Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "uazapi")
+FIXTURES = _fixtures(Path(__file__).resolve().parent.parent / "whatrack" / "fixtures" / "uazapi")
 
 
 # -- strategies -------------------------------------------------------------------------------------------------------

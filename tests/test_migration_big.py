@@ -1,8 +1,14 @@
-"""100,000 BullMQ jobs in every state, plus other keys of every type (TTLs, big keys, database 3), copied to the TLS
-target by DUMP/RESTORE and by the logical path, each verified both ways: zero missing, extra or mismatched."""
+"""A big queue: BullMQ jobs in every state, plus other keys of every type (TTLs, big keys, database 3), copied to the
+TLS target by DUMP/RESTORE and by the logical path, each verified both ways: zero missing, extra or mismatched.
+
+20,000 jobs in the test command, which keeps under its time budget; the full 100,000 run in ``make bench``
+(bench/migration.py copies and verifies them with the same verdicts), or here with ``WHATRACK_BIG_JOBS=100000``.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from pathlib import Path
 
@@ -13,14 +19,15 @@ from migration_fixtures import QUEUE, Pair, clients, flush, make_jobs, make_othe
 from whatrack.migration import copy, inventory, verify
 
 _mig_pair = migration_fixtures._mig_pair
+log = logging.getLogger(__name__)
 
-JOBS = 100_000
+#: Jobs in the big queue (bench/migration.py runs 100,000).
+JOBS = int(os.environ.get("WHATRACK_BIG_JOBS", "20000"))
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # ~2 min on an idle 2-core machine; the default 300 s is too tight when it is shared
-def test_100k_jobs_copy_and_verify_both_paths(_mig_pair: Pair, tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.timeout(900)  # 100,000 jobs (WHATRACK_BIG_JOBS) take ~1 min on an idle 2-core machine, more on a busy one
+def test_big_queue_copy_and_verify_both_paths(_mig_pair: Pair, tmp_path: Path) -> None:
     pair = _mig_pair
     flush(pair)
     t = time.perf_counter()
@@ -31,7 +38,7 @@ def test_100k_jobs_copy_and_verify_both_paths(_mig_pair: Pair, tmp_path: Path,
     assert sum(counts.values()) == JOBS
     for state in ("wait", "active", "delayed", "prioritized", "completed", "failed", "waiting-children"):
         assert counts[state] > 0, state
-    timings = {"create 100k jobs": made_s}
+    timings = {f"create {JOBS} jobs": made_s}
     for mode in ("dump", "logical"):
         flush_target(pair)
         t = time.perf_counter()
@@ -48,8 +55,9 @@ def test_100k_jobs_copy_and_verify_both_paths(_mig_pair: Pair, tmp_path: Path,
         # may repeat a key but never skips one present throughout
         total = source_key_count(pair)
         assert v.source_keys >= total and v.target_keys >= total
-    with capsys.disabled():
-        print("\n" + ", ".join(f"{k} {s:.1f} s" for k, s in timings.items()))
+    # Logged, not printed: the test command stays quiet (pytest shows the log when the test fails; `make bench`
+    # prints the throughput).
+    log.info("%s", ", ".join(f"{k} {s:.1f} s" for k, s in timings.items()))
 
 
 def flush_target(pair: Pair) -> None:

@@ -1,17 +1,17 @@
-"""The committed phase notebooks: their shape (papermill's contract, no outputs, no definitions), an nbval smoke run,
-and the whole suite executed through ``whatrack run`` against the offline devstack."""
+"""The committed phase notebooks: their shape (papermill's contract, no outputs, no definitions).
+
+Executing them is nbval's job, once per test run: ``pytest`` collects ``notebooks/`` (pyproject's testpaths, with
+``--nbval-lax``) and notebooks/conftest.py brings the devstack up for their kernels and scans every cell's output for
+secrets. The ``whatrack run`` machinery (papermill, parameters, reports, the secrets scan, a reused devstack) is
+proved in tests/test_runs.py on tiny throwaway notebooks, so the phase notebooks are not executed a second time.
+"""
 
 from __future__ import annotations
 
 import ast
-import json
-import os
-import shutil
-import subprocess
-import sys
-import uuid
-from collections.abc import Iterator
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import nbformat
 import pytest
@@ -97,63 +97,35 @@ def test_no_token_shaped_string_is_committed_in_a_notebook() -> None:
     assert runs_scan.scan_dir(NOTEBOOKS, []) == []
 
 
-# -- execution against the devstack ---------------------------------------------------------------------------------
+# -- their execution: nbval, in the README's test command ----------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def devstack(tmp_path_factory: pytest.TempPathFactory, pg_admin_url: str) -> Iterator[Path]:
-    """One offline devstack for the module's executions (on a fresh database); the runs reuse it (``stack_dir``)."""
-    from whatrack.devstack import servers
-    from whatrack.devstack.stack import Stack
+def test_the_test_command_executes_the_notebooks_with_nbval() -> None:
+    """``make test`` (bare ``pytest``) collects notebooks/ with ``--nbval-lax``: that is where they are executed."""
+    import tomllib
 
-    name = f"whatrack_nb_{uuid.uuid4().hex[:10]}"
-    stack = Stack(tmp_path_factory.mktemp("stack"), database_url=servers.create_database(pg_admin_url, name))
-    stack.up()
-    try:
-        yield stack.dir
-    finally:
-        stack.down()
-        servers.drop_database(pg_admin_url, name)
+    ini = tomllib.loads((NOTEBOOKS.parent / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    assert "notebooks" in ini["testpaths"]
+    assert "--nbval-lax" in ini["addopts"].split()
 
 
-@pytest.mark.slow
-def test_nbval_smoke_runs_a_notebook_with_the_stack_environment(devstack: Path, tmp_path: Path) -> None:
-    from whatrack.devstack.stack import load_env
-
-    nb_dir = tmp_path / "notebooks"
-    nb_dir.mkdir()
-    shutil.copy(NOTEBOOKS / "00_prepare.ipynb", nb_dir)
-    env = {**os.environ, **load_env(devstack)}
-    r = subprocess.run([sys.executable, "-m", "pytest", "--nbval-lax", "-p", "no:cacheprovider", "-q",
-                        str(nb_dir / "00_prepare.ipynb")], cwd=tmp_path, env=env, capture_output=True, text=True,
-                       timeout=600, check=False)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    assert " passed" in r.stdout
-    results = json.loads((tmp_path / "runs" / "lab" / "00_prepare" / "results.json").read_text())
-    assert results["passed"] is True and results["mode"] == "offline"
+def _nbval_conftest() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("notebooks_conftest", NOTEBOOKS / "conftest.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-@pytest.mark.slow
-def test_the_whole_suite_through_whatrack_run(devstack: Path, tmp_path: Path) -> None:
-    from whatrack.cli import main
-
-    # Small on purpose (CI); `make run` uses the notebooks' defaults.
-    params = ["seed_jobs=10", "new_jobs=2", "messages=40", "faults=endpoint_sigkill", "fault_messages=30",
-              "timeout_s=30"]
-    code = main(["run", "--notebooks", str(NOTEBOOKS), "--runs-dir", str(tmp_path / "runs"), "--stack-dir",
-                 str(devstack), *(a for p in params for a in ("-p", p))])
-    (run_dir,) = [d for d in (tmp_path / "runs").iterdir() if d.is_dir()]
-    data = json.loads((run_dir / "run.json").read_text())
-    failed = [(p["phase"], p["error"]) for p in data["phases"] if p["status"] != "passed"]
-    assert code == 0, f"{data['failure']}: {failed}"
-    assert [p["phase"] for p in data["phases"]] == list(PHASES)
-    assert data["mode"] == "offline" and "reused" in data["stack"]["how"]
-    assert data["scan"]["clean"] and data["scan"]["files"] > 20
-    assert data["acceptance"] and all(c["verdict"] == "pass" for c in data["acceptance"])
-    faults = next(p for p in data["phases"] if p["phase"] == "30_validation")["results"]["faults"]
-    assert [(f["scenario"], f["lost"], f["duplicated"]) for f in faults] == [("endpoint_sigkill", 0, 0)]
-    index = (run_dir / "index.html").read_text()
-    for phase in PHASES:
-        assert f'href="{phase}/{phase}.html"' in index
-        assert (run_dir / phase / "results.json").is_file()
-    assert data["provenance"]["git_commit"] and data["provenance"]["packages"]["bullmq"]
+def test_a_cell_output_showing_a_secret_is_caught_by_name_only(tmp_path: Path) -> None:
+    """The scan nbval's hook runs on every executed cell's outputs (notebooks/conftest.py)."""
+    leaks = _nbval_conftest().leaks
+    secrets = [("QSTASH_TOKEN", "qstash-planted-token-7c1d9e"), ("CENTRIFUGO_API_KEY", "cent-key-planted-55aa")]
+    clean = [{"output_type": "stream", "name": "stdout", "text": "copied 40 jobs, 0 missing\n"}]
+    assert leaks(clean, secrets, tmp_path / "a") == []
+    leaky = [*clean, {"output_type": "execute_result", "data": {"text/plain": "'qstash-planted-token-7c1d9e'"}},
+             {"output_type": "display_data", "data": {"text/html": "<pre>Bearer abcdefghijklmnop1234</pre>"}}]
+    found = leaks(leaky, secrets, tmp_path / "b")
+    assert found == ["Bearer credential", "secret value (QSTASH_TOKEN)"]
+    assert not any("planted" in f for f in found)
+    assert not (tmp_path / "b").exists()  # the outputs written for the scan are removed
