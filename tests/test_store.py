@@ -180,14 +180,35 @@ async def test_twenty_concurrent_deliveries_make_one_row(store: Store, inst: Ins
 
 
 async def test_messages_of_a_new_lead_at_once_make_one_lead(store: Store, inst: InstanceRef) -> None:
-    events = [message(f"NEWLEAD{i:02d}", sent_at=T0 + timedelta(seconds=i)) for i in range(8)]
+    events = [message(f"NEWLEAD{i:02d}", sent_at=T0 + timedelta(seconds=i)) for i in range(10)]
     results = await asyncio.gather(*(store.save_message(inst, ev) for ev in events))
     assert all(r.created for r in results)
     assert len({r.lead_id for r in results}) == 1 and len({r.ticket_id for r in results}) == 1
     counts = await store.counts()
-    assert (counts["lead"], counts["conversation"], counts["ticket"], counts["message"]) == (1, 1, 1, 8)
+    assert (counts["lead"], counts["conversation"], counts["ticket"], counts["message"]) == (1, 1, 1, 10)
     conv = await one_row(store, "conversation")
-    assert conv["unread_count"] == 8 and conv["last_message_at"] == T0 + timedelta(seconds=7)
+    assert conv["unread_count"] == 10 and conv["last_message_at"] == T0 + timedelta(seconds=9)
+
+
+async def test_two_pools_racing_on_a_new_lead_make_one_of_each(pg_store_url: str) -> None:
+    """Two Stores on PostgreSQL (two asyncpg pools, like two endpoint processes): the same message 20x and ten
+    messages of a new lead, all at once, make one lead, conversation, open ticket, and one row per message."""
+    a, b = Store.from_url(pg_store_url), Store.from_url(pg_store_url)
+    try:
+        async with a.engine.begin() as conn:
+            for table in reversed(TABLES):
+                await conn.execute(text(f"DELETE FROM {table}"))  # noqa: S608 (fixed table names)
+        inst = await a.register_instance("acme", "inst-a", TOKEN, owner=OWNER)
+        new = [message(f"RACE{i:02d}", sent_at=T0 + timedelta(seconds=i)) for i in range(10)]
+        results = await asyncio.gather(*(s.save_message(inst, message("RACE00")) for s in (a, b) * 10),
+                                       *(s.save_message(inst, ev) for s, ev in zip((b, a) * 5, new, strict=True)))
+        assert sum(r.created for r in results) == 10
+        assert len({r.lead_id for r in results}) == 1 and len({r.ticket_id for r in results}) == 1
+        counts = await a.counts()
+        assert (counts["lead"], counts["conversation"], counts["ticket"], counts["message"]) == (1, 1, 1, 10)
+    finally:
+        await a.aclose()
+        await b.aclose()
 
 
 @pytest.mark.sqlite
@@ -540,3 +561,12 @@ async def test_timestamps_in_other_zones_are_stored_as_utc(store: Store, inst: I
     assert row["sent_at"] == T0 and row["sent_at"].tzinfo == UTC
     assert saved.realtime["sentAt"] == "2026-01-01T10:00:00Z"
 
+
+
+async def test_a_number_postgres_cannot_hold_is_a_payload_error(store: Store, inst: InstanceRef) -> None:
+    """PostgreSQL's one-statement write (asyncpg): an out-of-range value can never be stored, so it is not retryable."""
+    if store.dialect != "postgresql":
+        pytest.skip("SQLite stores arbitrary integers differently; the endpoint runs on PostgreSQL only")
+    with pytest.raises(PayloadError, match="unstorable_value"):
+        await store.save_message(inst, message("HUGE", type="image", media=Media(size_bytes=2**70)))
+    assert (await store.counts())["message"] == 0

@@ -31,9 +31,21 @@ class Metrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20))
         self.realtime_failures = Counter("whatrack_realtime_publish_failures", "Centrifugo publications that failed",
                                          registry=r)
-        self.redis_errors = Counter("whatrack_redis_connection_errors", "Redis connection failures", registry=r)
-        self.followups = Counter("whatrack_followup_jobs", "Follow-up jobs by outcome", ["outcome"], registry=r)
-        self.queue_depth = Gauge("whatrack_queue_jobs", "BullMQ jobs per state", ["queue", "state"], registry=r)
+        self.publish_lag = Histogram(
+            "whatrack_realtime_publish_lag_seconds", "Time from a message's commit to its Centrifugo publication",
+            registry=r, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900))
+        self.outbox_depth = Gauge("whatrack_realtime_outbox_messages",
+                                  "Messages committed but not yet published to Centrifugo", registry=r)
+        # The follow-up worker's (whatrack.followups.monitor): it serves them at its own /metrics.
+        self.redis_errors = Counter("whatrack_redis_connection_errors",
+                                    "Redis connection failures the worker saw (its queue looks and its run loop)",
+                                    registry=r)
+        self.followups = Counter("whatrack_followup_jobs", "Follow-up job attempts by outcome (sent, skipped: lead "
+                                 "replied, failed: for good, retried: BullMQ runs it again)", ["outcome"], registry=r)
+        self.queue_depth = Gauge("whatrack_queue_jobs", "BullMQ jobs per state, sampled by the worker",
+                                 ["queue", "state"], registry=r)
+        self.queue_paused = Gauge("whatrack_queue_paused", "1 while the BullMQ queue is paused (no job runs)",
+                                  ["queue"], registry=r)
         for o in WEBHOOK_OUTCOMES:
             self.webhooks.labels(o)
         for o in FOLLOWUP_OUTCOMES:

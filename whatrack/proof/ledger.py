@@ -10,7 +10,10 @@ Vocabulary from Jepsen's queue checkers. Each provider id (UAZAPI ``message.id``
 - ``recovered``: it went to the DLQ, was replayed, and is now stored once and published once;
 - ``unknown``: its publish had no definite answer (a timeout, a transport error) and it was never stored: it may
   never have entered QStash, so it is neither lost nor ok. A publish with an unknown outcome whose message *was*
-  stored once and published once counts as ``ok`` (the message is observed: Jepsen's "indeterminate but seen").
+  stored once and published once counts as ``ok`` (the message is observed: Jepsen's "indeterminate but seen");
+- ``undelivered``: accepted, not (yet) published to realtime, and QStash still holds it (its latest event is not
+  DELIVERED, FAILED or CANCELED: it is being retried on QStash's backoff). Not lost, not proven either: it fails the
+  verdict as "pending" until QStash delivers it or gives up (then it is ok, or in the DLQ).
 
 :func:`classify` is the pure heart (plain records in, a :class:`Ledger` out); :func:`collect` gathers the records from
 the store, Centrifugo's history and the QStash DLQ; :func:`replay_dlq` republishes the DLQ and deletes what it
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
@@ -39,8 +43,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("whatrack.proof.ledger")
 
-Verdict = Literal["ok", "lost", "duplicated", "unexpected", "recovered", "unknown"]
-VERDICTS: tuple[Verdict, ...] = ("ok", "lost", "duplicated", "unexpected", "recovered", "unknown")
+Verdict = Literal["ok", "lost", "duplicated", "unexpected", "recovered", "unknown", "undelivered"]
+VERDICTS: tuple[Verdict, ...] = ("ok", "lost", "duplicated", "unexpected", "recovered", "unknown", "undelivered")
 PublishOutcome = Literal["accepted", "unknown"]
 
 #: How many publications one history call asks for: above any one conversation's share of a load test.
@@ -107,6 +111,8 @@ class Observations:
     rows: tuple[StoredRow, ...] = ()
     publications: tuple[Publication, ...] = ()
     dlq: tuple[DlqItem, ...] = ()
+    #: provider ids whose QStash message is still held by QStash (latest state not settled: being retried)
+    pending: frozenset[str] = frozenset()
 
 
 # -- the verdict --------------------------------------------------------------------------------------------------
@@ -163,13 +169,18 @@ class Ledger:
         return self.count("unknown")
 
     @property
+    def undelivered(self) -> int:
+        return self.count("undelivered")
+
+    @property
     def total(self) -> int:
         return len(self.entries)
 
     @property
     def passed(self) -> bool:
-        """No message lost, duplicated or unexpected (unknown publishes are reported, not failed)."""
-        return self.lost == 0 and self.duplicated == 0 and self.unexpected == 0
+        """No message lost, duplicated, unexpected or still undelivered (unknown publishes are reported, not
+        failed; undelivered ones are not lost, but not proven yet either)."""
+        return self.lost == 0 and self.duplicated == 0 and self.unexpected == 0 and self.undelivered == 0
 
     def counts(self) -> dict[str, int]:
         return {v: self.count(v) for v in VERDICTS} | {"total": self.total}
@@ -179,7 +190,7 @@ class Ledger:
 
     def summary(self) -> str:
         c = self.counts()
-        head = "PASS" if self.passed else "FAIL"
+        head = "PASS" if self.passed else "FAIL" if self.lost or self.duplicated or self.unexpected else "PENDING"
         return f"{head}: " + ", ".join(f"{k} {c[k]}" for k in (*VERDICTS, "total"))
 
     def frame(self) -> pd.DataFrame:
@@ -190,6 +201,7 @@ class Ledger:
                           columns=[f.name for f in Entry.__dataclass_fields__.values()])
         df["commit_ms"] = (df["created_at"] - df["sent_at"]) * 1e3
         df["realtime_ms"] = (df["published_at"] - df["sent_at"]) * 1e3
+        df["publish_lag_ms"] = (df["published_at"] - df["created_at"]) * 1e3  # commit -> published (outbox)
         return df
 
 
@@ -212,13 +224,15 @@ def classify(sent: Iterable[Sent], obs: Observations, replays: Iterable[Replay] 
         pubs[by_external.get(p.external_id, f"?:{p.external_id}")] += 1
     in_dlq = {d.provider_id for d in obs.dlq if d.provider_id}
     replayed = {r.provider_id for r in replays}
+    pending = obs.pending - in_dlq
 
     entries: list[Entry] = []
     for pid in sorted(set(sends) | set(rows) | set(pubs) | in_dlq | replayed):
         attempts = sends.get(pid, [])
         accepted = any(s.outcome == "accepted" for s in attempts)
         n_rows, n_pubs = len(rows.get(pid, ())), pubs.get(pid, 0)
-        verdict, detail = _verdict(bool(attempts), accepted, n_rows, n_pubs, pid in in_dlq, pid in replayed)
+        verdict, detail = _verdict(bool(attempts), accepted, n_rows, n_pubs, pid in in_dlq, pid in replayed,
+                                   pending=pid in pending)
         first_row = min(rows[pid], key=lambda r: r.created_at) if rows.get(pid) else None
         entries.append(Entry(
             provider_id=pid, verdict=verdict, detail=detail, sent=len(attempts), accepted=accepted, rows=n_rows,
@@ -230,7 +244,7 @@ def classify(sent: Iterable[Sent], obs: Observations, replays: Iterable[Replay] 
 
 
 def _verdict(was_sent: bool, accepted: bool, rows: int, pubs: int, in_dlq: bool,
-             replayed: bool) -> tuple[Verdict, str]:
+             replayed: bool, *, pending: bool = False) -> tuple[Verdict, str]:
     """The one decision table (the unit tests walk every cell of it)."""
     if rows > 1 or pubs > 1:
         return "duplicated", f"{rows} rows, {pubs} publications"
@@ -240,6 +254,8 @@ def _verdict(was_sent: bool, accepted: bool, rows: int, pubs: int, in_dlq: bool,
         if replayed:
             return "recovered", "replayed from the DLQ, stored and published once"
         return "ok", "stored and published once" + ("" if accepted else " (publish outcome was unknown)")
+    if pending and not in_dlq:
+        return "undelivered", "QStash retrying: " + ("stored, not yet published" if rows else "not delivered yet")
     if not accepted and rows == 0 and pubs == 0 and not in_dlq:
         return "unknown", "publish had no definite answer and nothing arrived"
     if rows == 0 and pubs == 1:
@@ -334,9 +350,10 @@ async def dlq_items(publisher: Publisher, *, destination: str | None = None) -> 
 
 
 async def collect(store: Any, realtime: Realtime, publisher: Publisher | None, sent: Sequence[Sent], *,
-                  organization_id: int | None = None) -> Observations:
-    """Read back rows, realtime history (the channels of every row) and the DLQ entries of the sent messages (a
-    shared QStash account's DLQ holds other traffic too: not this run's to judge).
+                  organization_id: int | None = None, replays: Sequence[Replay] = ()) -> Observations:
+    """Read back rows, realtime history (the channels of every row), the DLQ entries of the sent messages (a
+    shared QStash account's DLQ holds other traffic too: not this run's to judge) and which of the messages not
+    yet published QStash still holds (:func:`still_held`).
 
     Raises:
         StoreError / PublishError: a part could not be read.
@@ -347,7 +364,34 @@ async def collect(store: Any, realtime: Realtime, publisher: Publisher | None, s
 
     pubs = await history_publications(realtime, {channel(r.conversation_id) for r in rows})
     dlq = [d for d in await dlq_items(publisher) if d.provider_id in pids] if publisher is not None else []
-    return Observations(rows=tuple(rows), publications=tuple(pubs), dlq=tuple(dlq))
+    published = {r.provider_id for r in rows if r.published_at is not None}
+    waiting = [s for s in sent if s.provider_id not in published]
+    pending = await still_held(publisher, waiting, replays) if publisher is not None and waiting else frozenset()
+    return Observations(rows=tuple(rows), publications=tuple(pubs), dlq=tuple(dlq), pending=pending)
+
+
+async def still_held(publisher: Publisher, sent: Sequence[Sent], replays: Sequence[Replay] = ()) -> frozenset[str]:
+    """The provider ids of ``sent`` whose QStash message (the replayed copy's, when replayed) QStash still holds:
+    its latest event is not DELIVERED, FAILED or CANCELED, so QStash is retrying it on its backoff. Best effort:
+    when the events cannot be read, none (the ledger then judges on what arrived)."""
+    from whatrack.qstash import SETTLED_STATES
+
+    latest = {r.provider_id: r.qstash_id for r in replays if r.qstash_id}
+    ids = {s.provider_id: latest.get(s.provider_id, s.qstash_id) for s in sent if s.qstash_id}
+    if not ids:
+        return frozenset()
+    try:
+        states = await publisher.states(sorted({q for q in ids.values() if q}))
+    except PublishError as e:
+        log.warning("[evidence] QStash events could not be read, no message counted as still retried: %s", e)
+        return frozenset()
+    return frozenset(p for p, q in ids.items() if q in states and states[q] not in SETTLED_STATES)
+
+
+def retry_schedule(retries: int, time_scale: float = 1.0) -> list[float]:
+    """Seconds QStash waits before each retry with its default backoff, ``min(86400, e^(2.5 n))`` for retry n
+    (protocols/qstash.md §retries): 12 s, 148 s, 1808 s, ... (``time_scale``: the devstack broker's factor)."""
+    return [min(86400.0, math.exp(2.5 * n)) * time_scale for n in range(1, retries + 1)]
 
 
 async def replay_dlq(publisher: Publisher, items: Sequence[DlqItem], *, retries: int = 3) -> list[Replay]:

@@ -392,6 +392,24 @@ class Store:
 
         return await self._db.transaction("find_lead", tx)
 
+    async def list_leads(self, organization_id: int | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Leads with the ids a follow-up needs: one row per lead and instance it talked through (``instance_id``
+        None for a lead with no conversation yet), newest leads first, at most ``limit`` rows."""
+        q = (select(Lead.organization_id, Organization.name.label("organization"),
+                    Conversation.instance_id, Instance.name.label("instance"), Lead.id.label("lead_id"), Lead.phone,
+                    Lead.name, Lead.is_group)
+             .join(Organization, Organization.id == Lead.organization_id)
+             .outerjoin(Conversation, Conversation.lead_id == Lead.id)
+             .outerjoin(Instance, Instance.id == Conversation.instance_id)
+             .order_by(Lead.id.desc(), Conversation.instance_id).limit(limit))
+        if organization_id is not None:
+            q = q.where(Lead.organization_id == organization_id)
+
+        async def tx(conn: AsyncConnection) -> list[dict[str, Any]]:
+            return [dict(r._mapping) for r in await conn.execute(q)]
+
+        return await self._db.transaction("list_leads", tx)
+
     async def lead_replied_since(self, lead_id: int, since: datetime) -> bool:
         """Whether the lead sent any message after ``since`` (the follow-up worker's cancel check)."""
         rows.check_aware("since", since)

@@ -169,6 +169,9 @@ class Message(Base):
         Index("ix_message_instance_id_edit_of", "instance_id", "edit_of"),
         # The follow-up worker's echo lookup (Store.find_outbound_by_track): did a send of this job reach UAZAPI?
         Index("ix_message_instance_id_track_id", "instance_id", "track_id"),
+        # The realtime outbox: rows not yet published to Centrifugo (``webhook.publisher`` claims them by id).
+        Index("ix_message_unpublished", "id", postgresql_where=text("published_at IS NULL"),
+              sqlite_where=text("published_at IS NULL")),
         CheckConstraint(_in("direction", DIRECTIONS), name="direction"),
         CheckConstraint(_in("sender_type", SENDER_TYPES), name="sender_type"),
         CheckConstraint(_in("status", MESSAGE_STATUSES), name="status"),
@@ -211,6 +214,7 @@ class Message(Base):
     edited_at: Mapped[datetime | None]
     deleted_at: Mapped[datetime | None]
     published_at: Mapped[datetime | None]
+    publish_claimed_until: Mapped[datetime | None]  # a publisher's lease on this unpublished row
     job_id: Mapped[str | None] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 

@@ -1,12 +1,13 @@
-"""One webhook delivery: verify → parse → normalize → resolve instance → persist → publish, and the status that results.
+"""One webhook delivery: verify → parse → normalize → resolve instance → persist, and the status that results.
 
 The status contract is what keeps messages from being lost (QStash retries anything that is not 2xx):
 
-- 2xx only after the database commit (and, for a message, after its realtime publication);
+- 2xx right after the database commit; the realtime publication is not on the request path: the committed row is
+  the outbox, published by ``webhook.publisher`` (a Centrifugo outage costs no QStash retry);
 - 401 for a missing or bad signature;
 - 489 + ``Upstash-NonRetryable-Error: true`` for what can never succeed (not JSON, no message id, unknown instance),
   so QStash moves it to the DLQ at once, where nothing is lost and no retry storm starts;
-- 503 for transient failure (database or Centrifugo unreachable, processing timeout), so QStash retries.
+- 503 for transient failure (database unreachable or slow, processing timeout), so QStash retries.
 
 Responses never echo internals: a short code and a fixed message.
 """
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from whatrack import uazapi
-from whatrack.errors import PayloadError, PublishError, SignatureError, StoreError
+from whatrack.errors import PayloadError, SignatureError, StoreError
 from whatrack.events import Ignored, InstanceEvent, MessageEvent, ReceiptEvent
 from whatrack.qstash import NON_RETRYABLE_HEADER, NON_RETRYABLE_STATUS, Verifier
 
@@ -66,8 +67,8 @@ class WebhookHandler:
 
     Args:
         verifier: checks ``Upstash-Signature``; ``None`` only for the bare-insert benchmark baseline.
-        store: the database.
-        realtime: the Centrifugo publisher.
+        store: the database (its asyncpg ``writer`` on PostgreSQL).
+        realtime: the Centrifugo client the app's outbox publisher uses (not called on the request path).
         timeout_s: see :data:`PROCESSING_TIMEOUT_S`.
         on_outcome: called with each outcome and its duration (metrics).
     """
@@ -124,9 +125,6 @@ class WebhookHandler:
         except StoreError as e:
             log.warning("[webhook] database unavailable, QStash will retry: %s", e)
             return _transient("database_unavailable")
-        except PublishError as e:
-            log.warning("[webhook] stored but realtime failed, QStash will retry to publish: %s", e)
-            return _transient("realtime_unavailable")
 
     async def _dispatch(self, event: MessageEvent | ReceiptEvent | InstanceEvent | Ignored) -> Outcome:
         inst = await self._instance(event.source.instance_name, event.source.token)
@@ -134,10 +132,7 @@ class WebhookHandler:
             log.warning("[webhook] unknown instance %r: non-retryable", event.source.instance_name)
             return _non_retryable("unknown_instance")
         if isinstance(event, MessageEvent):
-            stored = await self.store.save_message(inst, event)
-            if not stored.published:
-                await self.realtime.publish_message(stored)
-                await self.store.mark_published(stored.message_id)
+            stored = await self.store.save_message(inst, event)  # committed: the outbox publishes it
             outcome = "stored" if stored.created else "duplicate"
             log.info("[webhook] message %s %s (conversation %d)", stored.external_id, outcome,
                      stored.conversation_id)

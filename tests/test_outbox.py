@@ -1,0 +1,236 @@
+"""The realtime outbox: a Centrifugo outage costs no 5xx and no QStash retry; every message is published once.
+
+Real parts: the endpoint over HTTP, PostgreSQL, the Centrifugo stand-in (stopped and started again on the same port,
+its history kept in Redis), a real process killed with SIGKILL while it holds claimed rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from store_helpers import OWNER, TOKEN, message
+from test_webhook import CENT_KEY, CURRENT, NAMESPACES, NEXT, wait_published
+
+from whatrack.devstack import centrifugo, servers
+from whatrack.devstack.qstash.sign import sign
+from whatrack.devstack.serving import serving
+from whatrack.realtime import Realtime
+from whatrack.settings import WEBHOOK_PATH, Settings
+from whatrack.store.api import InstanceRef, Store
+from whatrack.store.write import Writer
+from whatrack.webhook.app import create_app
+from whatrack.webhook.publisher import Publisher
+
+FAST: dict[str, Any] = {"sweep_s": 0.2, "backoff_s": (0.05, 0.5)}
+
+
+class CountingRealtime(Realtime):
+    """The real client, remembering every idempotency key it was asked to publish (to catch double publication)."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.keys: list[str] = []
+
+    async def publish_batch(self, items: list[tuple[str, dict[str, Any], str]]) -> list[bool]:
+        ok = await super().publish_batch(items)
+        self.keys.extend(k for (_, _, k), took in zip(items, ok, strict=True) if took)
+        return ok
+
+
+@pytest.fixture
+async def store(make_pg_database: Callable[[], str]) -> AsyncIterator[Store]:
+    s = Store.from_url(make_pg_database())
+    await s.upgrade()
+    yield s
+    await s.aclose()
+
+
+@pytest.fixture
+async def inst(store: Store) -> InstanceRef:
+    return await store.register_instance("acme", "inst-a", TOKEN, owner=OWNER)
+
+
+async def _history(cent_api: str, rows: list[dict[str, Any]]) -> list[str]:
+    """External ids of every publication in the rows' conversation channels."""
+    rt = Realtime(cent_api, CENT_KEY)
+    try:
+        out: list[str] = []
+        for cid in sorted({r["conversation_id"] for r in rows}):
+            out += [str(p["externalId"]) for p in await rt.history(f"conversation:{cid}", limit=1000)]
+        return out
+    finally:
+        await rt.aclose()
+
+
+def _body(fixtures: Path, i: int) -> bytes:
+    d = json.loads((fixtures / "messages_inbound_text.json").read_text())
+    mid = f"OUTAGE{i:026d}"
+    d["message"]["messageid"] = mid
+    d["message"]["id"] = f"{d['message']['owner']}:{mid}"
+    return json.dumps(d).encode()
+
+
+async def test_centrifugo_outage_costs_no_5xx_and_each_message_is_published_once(
+        make_pg_database: Callable[[], str], redis_url: str, fixtures_dir: Path) -> None:
+    db_url = Settings.from_env({"DATABASE_URL": make_pg_database()}, env_files=()).database_url
+    assert db_url
+    store = Store.from_url(db_url)
+    await store.upgrade()
+    d = json.loads((fixtures_dir / "messages_inbound_text.json").read_text())
+    await store.register_instance("Acme", d["instanceName"], d["token"], owner=d["owner"])
+    cent_port, port = servers.free_port(), servers.free_port()
+    public = f"http://127.0.0.1:{port}{WEBHOOK_PATH}"
+    cent_api = f"http://127.0.0.1:{cent_port}/api"
+    settings = Settings.from_env({
+        "DATABASE_URL": db_url, "QSTASH_CURRENT_SIGNING_KEY": CURRENT, "QSTASH_NEXT_SIGNING_KEY": NEXT,
+        "WEBHOOK_PUBLIC_URL": public, "CENTRIFUGO_API_URL": cent_api, "CENTRIFUGO_API_KEY": CENT_KEY}, env_files=())
+
+    async def deliver(c: httpx.AsyncClient, i: int) -> httpx.Response:
+        body = _body(fixtures_dir, i)
+        return await c.post(public, content=body, headers={"Upstash-Signature": sign(body, public, CURRENT)})
+
+    try:
+        async with serving(create_app(settings, publisher_options=FAST), port=port), \
+                httpx.AsyncClient(timeout=30) as c:
+            async with serving(centrifugo.create_app(redis_url, CENT_KEY, NAMESPACES), port=cent_port):
+                assert [(await deliver(c, i)).status_code for i in range(3)] == [200] * 3
+                await wait_published(store)
+            # Centrifugo is down: deliveries keep arriving, concurrently, and redeliveries too
+            during = await asyncio.gather(*(deliver(c, i) for i in (*range(3, 23), 3, 4, 5)))
+            assert [r.status_code for r in during] == [200] * 23, [r.text for r in during if r.status_code != 200]
+            assert sorted(r.json()["status"] for r in during).count("stored") == 20
+            rows = await store.message_rows()
+            assert len(rows) == 23
+            assert sum(r["published_at"] is None for r in rows) == 20  # nothing could be published
+            async with serving(centrifugo.create_app(redis_url, CENT_KEY, NAMESPACES), port=cent_port):
+                rows = await wait_published(store)
+                seen = await _history(cent_api, rows)
+            metrics = (await c.get(f"http://127.0.0.1:{port}/metrics")).text
+        assert sorted(seen) == sorted(str(r["external_id"]) for r in rows)  # each message exactly once
+        assert 'whatrack_webhooks_total{outcome="transient"} 0.0' in metrics  # no 5xx, no QStash retry spent
+        assert 'whatrack_webhooks_total{outcome="stored"} 23.0' in metrics
+        assert "whatrack_realtime_publish_lag_seconds_count 23.0" in metrics
+        assert "whatrack_realtime_outbox_messages 0.0" in metrics
+    finally:
+        await store.aclose()
+
+
+_CLAIMER = """
+import asyncio, sys
+from whatrack.store.write import Writer
+
+async def main() -> None:
+    w = Writer(sys.argv[1], safe_url="-")
+    claimed = await w.claim(1000, float(sys.argv[2]))
+    print(len(claimed), flush=True)
+    await asyncio.sleep(3600)  # killed here: claimed, never published or marked
+
+asyncio.run(main())
+"""
+
+
+async def test_rows_of_a_killed_publisher_are_published_by_another(store: Store, inst: InstanceRef,
+                                                                   redis_url: str) -> None:
+    for i in range(5):
+        await store.save_message(inst, message(f"KILLED{i}"))
+    url = store.engine.url.render_as_string(hide_password=False)
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", _CLAIMER, url, "2",
+                                                stdout=asyncio.subprocess.PIPE, env=dict(os.environ))
+    assert proc.stdout is not None
+    assert (await proc.stdout.readline()).strip() == b"5"
+    assert store.writer is not None
+    async with serving(centrifugo.create_app(redis_url, CENT_KEY, NAMESPACES)) as cent_base:
+        rt = CountingRealtime(f"{cent_base}/api", CENT_KEY)
+        publisher = Publisher(store.writer, rt, **FAST)
+        assert await publisher.drain() == 0  # claimed by the other process, whose lease still runs
+        os.kill(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        publisher.start()
+        try:
+            rows = await wait_published(store)
+        finally:
+            await publisher.stop()
+            await rt.aclose()
+        assert sorted(await _history(f"{cent_base}/api", rows)) == [f"KILLED{i}" for i in range(5)]
+    assert len(rt.keys) == 5
+
+
+async def test_two_publishers_never_publish_a_message_twice(store: Store, inst: InstanceRef, redis_url: str) -> None:
+    for i in range(60):
+        await store.save_message(inst, message(f"TWO{i:03d}", lead_jid=f"55119{i:08d}@s.whatsapp.net",
+                                               chat_jid=f"55119{i:08d}@s.whatsapp.net", lead_phone=f"55119{i:08d}"))
+    url = store.engine.url.render_as_string(hide_password=False)
+    other = Writer(url, safe_url="-")  # a second process's pool
+    assert store.writer is not None
+    async with serving(centrifugo.create_app(redis_url, CENT_KEY, NAMESPACES)) as cent_base:
+        rts = [CountingRealtime(f"{cent_base}/api", CENT_KEY) for _ in range(2)]
+        pubs = [Publisher(w, rt, batch_size=7, **FAST) for w, rt in zip((store.writer, other), rts, strict=True)]
+        for p in pubs:
+            p.start()
+        try:
+            rows = await wait_published(store)
+        finally:
+            for p in pubs:
+                await p.stop()
+            for rt in rts:
+                await rt.aclose()
+            await other.aclose()
+        keys = rts[0].keys + rts[1].keys
+        assert sorted(keys) == sorted(f"msg:{OWNER}:TWO{i:03d}" for i in range(60))  # asked once each
+        assert sum(p.published for p in pubs) == 60
+        assert sorted(await _history(f"{cent_base}/api", rows)) == [f"TWO{i:03d}" for i in range(60)]
+
+
+async def test_a_notify_wakes_the_publisher_without_a_sweep(store: Store, inst: InstanceRef, redis_url: str) -> None:
+    assert store.writer is not None
+    async with serving(centrifugo.create_app(redis_url, CENT_KEY, NAMESPACES)) as cent_base:
+        rt = CountingRealtime(f"{cent_base}/api", CENT_KEY)
+        publisher = Publisher(store.writer, rt, sweep_s=3600.0)  # only the write's NOTIFY can wake it
+        publisher.start()
+        try:
+            while publisher._listener is None:  # the first drain (empty) ran and the LISTEN is open
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)  # past the first, empty drain: now waiting for a notification
+            saved = await store.save_message(inst, message("NOTIFIED"))
+            rows = await wait_published(store)
+        finally:
+            await publisher.stop()
+            await rt.aclose()
+    assert rt.keys == [f"msg:{saved.provider_id}"]
+    assert [r["external_id"] for r in rows] == ["NOTIFIED"]
+
+
+def test_the_publish_lag_alert_fires_on_late_publications_and_on_a_stuck_outbox() -> None:
+    from whatrack.alerts.rules import Snapshot, default_rules, publish_lag
+    from whatrack.metrics import Metrics, parse
+
+    assert "publish_lag" in {r.name for r in default_rules()}
+    m = Metrics()
+
+    def snap(t: float) -> Snapshot:
+        return Snapshot(taken_at=t, metrics=parse(m.render().decode()))
+
+    first = snap(0.0)
+    for lag in (0.05, 0.2, 1.5):
+        m.publish_lag.observe(lag)
+    assert publish_lag(first, snap(30.0), 10).state == "ok"
+    first = snap(30.0)
+    m.publish_lag.observe(45.0)  # published 45 s after its commit: Centrifugo was down
+    late = publish_lag(first, snap(60.0), 10)
+    assert (late.state, late.value) == ("firing", 1.0)
+    m.outbox_depth.set(7)
+    first = snap(60.0)
+    stuck = publish_lag(first, snap(90.0), 10)  # messages waiting, nothing published in the window
+    assert (stuck.state, stuck.value) == ("firing", 7.0)
+    m.publish_lag.observe(0.1)
+    m.outbox_depth.set(0)
+    assert publish_lag(snap(90.0), snap(120.0), 10).state == "ok"

@@ -1,0 +1,232 @@
+"""The store's hot path on PostgreSQL: each webhook write as one asyncpg prepared statement, one commit.
+
+A message is one call of ``whatrack_save_message`` (migration 0003): lead, conversation, open ticket, message, a
+pending edit and the conversation touch in one round trip. Receipts, instance status and the instance lookup are one
+statement each. The realtime outbox (unpublished rows) is claimed, marked and released here too, for
+``webhook.publisher``. The SQLAlchemy ``Store`` keeps everything else (schema, CLI, reports) and routes these calls
+here on PostgreSQL.
+
+Errors come out as before: a value PostgreSQL can never hold (a NUL, a lone surrogate, an out-of-range number) is
+:class:`~whatrack.errors.PayloadError` (the webhook answers 489); anything else (unreachable, timed out, restarted)
+is :class:`~whatrack.errors.StoreError` (503, QStash retries). A deadlock, a serialization failure or a connection
+that died in the pool is retried here first: every statement here is idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any, TypeVar
+
+import asyncpg
+from sqlalchemy.engine import make_url
+
+from whatrack.errors import PayloadError, StoreError
+from whatrack.store.engine import CONNECT_TIMEOUT_S, MAX_ATTEMPTS, POOL_TIMEOUT_S
+
+log = logging.getLogger("whatrack.store.write")
+
+T = TypeVar("T")
+
+#: The channel ``whatrack_save_message`` NOTIFYs after inserting a message (the publisher LISTENs).
+OUTBOX_CHANNEL = "whatrack_outbox"
+
+#: ``whatrack_save_message``'s parameters after the seven lead/flags ones: the event's message columns, in order.
+MESSAGE_COLUMNS = (
+    "provider_id", "external_id", "direction", "sender_type", "type", "raw_type", "content", "participant_phone",
+    "media_mime", "media_size", "media_duration", "media_file_name", "media_sha256", "media_url", "media_voice",
+    "latitude", "longitude", "location_name", "location_address", "edit_of", "reaction_to", "reply_to",
+    "sent_by_api", "track_id", "status", "sent_at", "delivered_at",
+)
+SAVE_MESSAGE = (f"SELECT * FROM whatrack_save_message("  # noqa: S608 (placeholders only: $1 .. $34)
+                f"{', '.join(f'${i}' for i in range(1, 8 + len(MESSAGE_COLUMNS)))})")
+
+RECEIPT = """
+UPDATE message SET status = $3::text,
+       delivered_at = CASE WHEN $5 THEN coalesce(delivered_at, $4) ELSE delivered_at END,
+       read_at = CASE WHEN $6 THEN coalesce(read_at, $4) ELSE read_at END,
+       deleted_at = CASE WHEN $3::text = 'deleted' THEN coalesce(deleted_at, $4) ELSE deleted_at END
+ WHERE instance_id = $1 AND external_id = ANY($2::text[]) AND status = ANY($7::text[])"""
+
+INSTANCE_STATUS = """
+UPDATE instance SET status = $2, status_reason = $3, status_at = $4, updated_at = $4, owner = coalesce($5, owner)
+ WHERE id = $1"""
+
+FIND_INSTANCE_BY_NAME = "SELECT id, organization_id, name, token_hash FROM instance WHERE name = $1"
+FIND_INSTANCE_BY_TOKEN = "SELECT id, organization_id, name, token_hash FROM instance WHERE token_hash = $1"  # noqa: S105
+
+#: Claim up to $1 unpublished rows for $2 seconds: a short transaction of its own (the HTTP call happens after it).
+CLAIM = """
+UPDATE message m SET publish_claimed_until = clock_timestamp() + make_interval(secs => $2)
+ WHERE m.id IN (SELECT u.id FROM message u
+                 WHERE u.published_at IS NULL
+                   AND (u.publish_claimed_until IS NULL OR u.publish_claimed_until < clock_timestamp())
+                 ORDER BY u.id LIMIT $1 FOR UPDATE SKIP LOCKED)
+RETURNING m.id, m.conversation_id, m.external_id, m.provider_id, m.content, m.sender_type, m.sent_at, m.type,
+          m.direction"""
+
+#: Mark published (first time only); returns each row's publish lag in seconds (commit -> published).
+MARK = """
+UPDATE message SET published_at = clock_timestamp(), publish_claimed_until = NULL
+ WHERE id = ANY($1::bigint[]) AND published_at IS NULL
+RETURNING extract(epoch FROM published_at - created_at)::float8 AS lag"""
+
+#: Give claimed rows back: at once ($2 = 0) after an outage, later for a row Centrifugo refused.
+RELEASE = """
+UPDATE message SET publish_claimed_until = CASE WHEN $2 > 0 THEN clock_timestamp() + make_interval(secs => $2) END
+ WHERE id = ANY($1::bigint[]) AND published_at IS NULL"""
+
+DEPTH = "SELECT count(*) FROM message WHERE published_at IS NULL"
+
+#: Errors that mean the connection, not the statement, failed: the pool replaces it, the call is tried again.
+_LOST = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, ConnectionError)
+#: Values the database can never hold: asyncpg's DataError covers class 22 and its own argument encoding.
+_UNSTORABLE = (asyncpg.DataError, UnicodeEncodeError, OverflowError)
+
+
+def asyncpg_dsn(url: str) -> str:
+    """``url`` (any PostgreSQL form whatrack accepts) as the plain ``postgresql://`` DSN asyncpg takes."""
+    from whatrack.store.engine import normalise_url
+
+    return make_url(normalise_url(url)).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def describe(e: BaseException) -> str:
+    """A one-line, secret-free description of a driver error (no SQL, no parameters, no DSN)."""
+    first = (str(e).strip().splitlines() or [""])[0][:240]
+    state = getattr(e, "sqlstate", None)
+    kind = type(e).__name__
+    return f"{kind}{f' [{state}]' if state else ''}: {first}" if first else kind
+
+
+class Writer:
+    """An asyncpg pool on one PostgreSQL database, opened on first use (inside the running event loop)."""
+
+    def __init__(self, url: str, *, safe_url: str, pool_size: int = 10,
+                 statement_timeout_ms: int | None = None) -> None:
+        self._dsn = asyncpg_dsn(url)
+        self.safe_url = safe_url
+        self._size = pool_size
+        self._settings = {"application_name": "whatrack"}
+        if statement_timeout_ms:
+            self._settings["statement_timeout"] = str(int(statement_timeout_ms))
+        self._pool: asyncpg.Pool | None = None
+        self._opening = asyncio.Lock()
+
+    async def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            async with self._opening:
+                if self._pool is None:
+                    self._pool = await asyncpg.create_pool(
+                        self._dsn, min_size=0, max_size=self._size, timeout=CONNECT_TIMEOUT_S,
+                        server_settings=self._settings, max_inactive_connection_lifetime=300)
+        return self._pool
+
+    async def connect(self) -> asyncpg.Connection:
+        """A connection of its own (the publisher's LISTEN), outside the pool.
+
+        Raises:
+            StoreError: the database cannot be reached.
+        """
+        try:
+            return await asyncpg.connect(self._dsn, timeout=CONNECT_TIMEOUT_S, server_settings=self._settings)
+        except (asyncpg.PostgresError, OSError, TimeoutError, asyncpg.InterfaceError) as e:
+            raise StoreError(f"database listen failed: {describe(e)}") from e
+
+    async def run(self, op: str, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """``fn`` on a pooled connection, retried on deadlock / serialization failure / a dead connection.
+
+        Raises:
+            PayloadError: a value the database can never hold.
+            StoreError: any other database failure.
+        """
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            try:
+                pool = await self.pool()
+                async with pool.acquire(timeout=POOL_TIMEOUT_S) as conn:
+                    return await fn(conn)
+            except _UNSTORABLE as e:
+                raise PayloadError("unstorable_value", f"database {op} refused a value: {describe(e)}") from e
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as e:
+                retry = isinstance(e, asyncpg.TransactionRollbackError) or (isinstance(e, _LOST) and attempt == 1)
+                if attempt < MAX_ATTEMPTS and retry:
+                    log.debug("%s: %s, attempt %d, retrying", op, describe(e), attempt)
+                    await asyncio.sleep(random.uniform(0.005, 0.05) * attempt)  # jitter: do not collide again
+                    continue
+                log.warning("%s failed on %s: %s", op, self.safe_url, describe(e))
+                raise StoreError(f"database {op} failed: {describe(e)}") from e
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def save_message(self, org: int, inst: int, lead: tuple[str, str | None, str | None, bool],
+                           new_message: bool, values: dict[str, Any]) -> dict[str, Any]:
+        """One call of ``whatrack_save_message``: the message's stored columns plus ``created``."""
+        args = (org, inst, *lead, new_message, *(values[c] for c in MESSAGE_COLUMNS))
+
+        async def call(conn: asyncpg.Connection) -> dict[str, Any]:
+            return dict(await conn.fetchrow(SAVE_MESSAGE, *args))
+
+        return await self.run("save_message", call)
+
+    async def apply_receipt(self, inst: int, ids: list[str], status: str, at: datetime, timestamps: tuple[bool, bool],
+                            sources: tuple[str, ...]) -> int:
+        async def call(conn: asyncpg.Connection) -> int:
+            done = await conn.execute(RECEIPT, inst, ids, status, at, *timestamps, list(sources))
+            return int(done.rsplit(" ", 1)[-1])
+
+        return await self.run("apply_receipt", call)
+
+    async def update_instance_status(self, inst: int, status: str, reason: str | None, at: datetime,
+                                     owner: str | None) -> None:
+        async def call(conn: asyncpg.Connection) -> None:
+            await conn.execute(INSTANCE_STATUS, inst, status, reason, at, owner)
+
+        await self.run("update_instance_status", call)
+
+    async def find_instance(self, name: str | None, digest: str) -> dict[str, Any] | None:
+        async def call(conn: asyncpg.Connection) -> dict[str, Any] | None:
+            r = await (conn.fetchrow(FIND_INSTANCE_BY_NAME, name) if name
+                       else conn.fetchrow(FIND_INSTANCE_BY_TOKEN, digest))
+            return dict(r) if r else None
+
+        return await self.run("find_instance", call)
+
+    # -- the realtime outbox ----------------------------------------------------------------------------------------
+
+    async def claim(self, limit: int, lease_s: float) -> list[dict[str, Any]]:
+        """Up to ``limit`` unpublished, unclaimed rows, now claimed for ``lease_s`` seconds (oldest first)."""
+        async def call(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+            return sorted((dict(r) for r in await conn.fetch(CLAIM, limit, float(lease_s))), key=lambda r: r["id"])
+
+        return await self.run("outbox_claim", call)
+
+    async def mark_published(self, ids: list[int]) -> list[float]:
+        """Mark rows published; the publish lag (seconds since the row's commit) of each row marked now."""
+        async def call(conn: asyncpg.Connection) -> list[float]:
+            return [float(r["lag"]) for r in await conn.fetch(MARK, ids)]
+
+        return await self.run("outbox_mark", call)
+
+    async def release(self, ids: list[int], after_s: float = 0.0) -> None:
+        """Give claimed rows back to the outbox, claimable again at once or after ``after_s`` seconds."""
+        async def call(conn: asyncpg.Connection) -> None:
+            await conn.execute(RELEASE, ids, float(after_s))
+
+        await self.run("outbox_release", call)
+
+    async def depth(self) -> int:
+        """Rows not yet published."""
+        async def call(conn: asyncpg.Connection) -> int:
+            return int(await conn.fetchval(DEPTH))
+
+        return await self.run("outbox_depth", call)
+
+    async def aclose(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            try:
+                await asyncio.wait_for(pool.close(), 10)
+            except TimeoutError:
+                pool.terminate()

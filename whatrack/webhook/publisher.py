@@ -1,0 +1,168 @@
+"""The realtime outbox publisher: one task per endpoint process publishes committed messages to Centrifugo.
+
+The webhook answers 2xx right after its commit; the message row is the outbox (``published_at IS NULL``). This task,
+woken by ``NOTIFY whatrack_outbox`` (sent by the write itself) and by a periodic sweep, claims a batch of rows with
+``FOR UPDATE SKIP LOCKED`` in a short transaction (a lease, ``publish_claimed_until``), publishes them with one
+Centrifugo ``batch`` call (an idempotency key per message), and marks them published in bulk. When Centrifugo is down
+it gives the rows back and retries with a capped backoff: an outage costs no QStash retry and no 5xx. Rows a killed
+process had claimed come back when their lease runs out, and the next sweep (of any process) publishes them.
+
+Safe with many processes on many hosts: SKIP LOCKED and the lease keep two publishers off the same row; a crash between
+publishing and marking republishes with the same idempotency key, which Centrifugo deduplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from typing import TYPE_CHECKING, Any
+
+from whatrack.errors import PublishError, StoreError
+from whatrack.store import rows
+from whatrack.store.write import OUTBOX_CHANNEL, Writer
+
+if TYPE_CHECKING:
+    import asyncpg
+
+    from whatrack.metrics import Metrics
+    from whatrack.realtime import Realtime
+
+log = logging.getLogger("whatrack.webhook.publisher")
+
+#: Rows per claim and per Centrifugo batch call.
+BATCH_SIZE = 100
+#: Seconds a claim lasts: well above one batch call (realtime.TIMEOUT_S), so that only a dead publisher loses it.
+LEASE_S = 30.0
+#: Seconds between sweeps when no NOTIFY arrives (a lost notification, a killed process's expired lease).
+SWEEP_S = 2.0
+#: Retry backoff after a failure (Centrifugo or the database): doubles from the first value up to the cap.
+BACKOFF_S = (0.2, 5.0)
+#: Seconds before a row Centrifugo refused (not an outage: e.g. an unknown namespace) is tried again.
+REFUSED_RETRY_S = 60.0
+
+
+def publication(row: dict[str, Any]) -> tuple[str, dict[str, Any], str]:
+    """``(channel, data, idempotency_key)`` of a claimed outbox row."""
+    return rows.channel(row["conversation_id"]), rows.realtime_payload(row), f"msg:{row['provider_id']}"
+
+
+class Publisher:
+    """Publishes the outbox of one database until stopped. :meth:`start` inside the event loop, :meth:`stop` after."""
+
+    def __init__(self, writer: Writer, realtime: Realtime, *, metrics: Metrics | None = None,
+                 batch_size: int = BATCH_SIZE, lease_s: float = LEASE_S, sweep_s: float = SWEEP_S,
+                 backoff_s: tuple[float, float] = BACKOFF_S) -> None:
+        self.writer = writer
+        self.realtime = realtime
+        self.metrics = metrics
+        self.batch_size = batch_size
+        self.lease_s = lease_s
+        self.sweep_s = sweep_s
+        self.backoff_s = backoff_s
+        self._wake = asyncio.Event()
+        self._listener: asyncpg.Connection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.published = 0  # messages this publisher marked published (tests and logs)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self.run(), name="whatrack-outbox-publisher")
+
+    async def stop(self) -> None:
+        """Stop the task (a batch in flight is abandoned: its lease brings it back) and close the listener."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._close_listener()
+
+    async def run(self) -> None:
+        """Drain, then wait for a NOTIFY or the sweep; after a failure, back off (capped) and drain again."""
+        delay = 0.0
+        while True:
+            await self._listen()
+            self._wake.clear()  # what arrived before this drain is covered by it
+            try:
+                await self.drain()
+                delay = 0.0
+            except Exception as e:  # the task must outlive any failure: a dead publisher would publish nothing
+                if self.metrics and isinstance(e, PublishError):
+                    self.metrics.realtime_failures.inc()
+                delay = min(self.backoff_s[1], max(self.backoff_s[0], delay * 2))
+                if isinstance(e, StoreError | PublishError):
+                    log.warning("[outbox] %s; retrying in %.1f s", e, delay)
+                else:
+                    log.exception("[outbox] unexpected failure; retrying in %.1f s", delay)
+                await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.sweep_s)
+
+    async def drain(self) -> int:
+        """Publish until nothing is left to claim; how many messages were marked published.
+
+        Raises:
+            PublishError: Centrifugo failed (the batch's rows were given back to the outbox).
+            StoreError: the database failed.
+        """
+        total = 0
+        try:
+            while True:
+                claimed = await self.writer.claim(self.batch_size, self.lease_s)
+                if not claimed:
+                    return total
+                total += await self._publish(claimed)
+        finally:
+            await self._observe_depth()
+
+    async def _publish(self, claimed: list[dict[str, Any]]) -> int:
+        ids = [r["id"] for r in claimed]
+        try:
+            ok = await self.realtime.publish_batch([publication(r) for r in claimed])
+        except PublishError:
+            with contextlib.suppress(StoreError):  # else the lease runs out and brings them back anyway
+                await self.writer.release(ids)
+            raise
+        done = [i for i, took in zip(ids, ok, strict=True) if took]
+        refused = [i for i, took in zip(ids, ok, strict=True) if not took]
+        lags = await self.writer.mark_published(done) if done else []
+        if refused:
+            log.warning("[outbox] Centrifugo refused %d message(s); trying them again in %.0f s", len(refused),
+                        REFUSED_RETRY_S)
+            await self.writer.release(refused, REFUSED_RETRY_S)
+        if self.metrics:
+            for lag in lags:
+                self.metrics.publish_lag.observe(max(lag, 0.0))
+        self.published += len(lags)
+        log.debug("[outbox] published %d message(s)", len(lags))
+        return len(lags)
+
+    async def _observe_depth(self) -> None:
+        if self.metrics is None:
+            return
+        with contextlib.suppress(StoreError):
+            self.metrics.outbox_depth.set(await self.writer.depth())
+
+    async def _listen(self) -> None:
+        """(Re)open the LISTEN connection when it is not open; without one the sweep still publishes."""
+        if self._listener is not None and not self._listener.is_closed():
+            return
+        await self._close_listener()
+        try:
+            self._listener = await self.writer.connect()
+            await self._listener.add_listener(OUTBOX_CHANNEL, self._notified)
+        except Exception as e:  # any failure here only costs latency: the sweep still runs
+            log.debug("[outbox] cannot LISTEN (%s); sweeping every %.1f s", e, self.sweep_s)
+            await self._close_listener()
+
+    def _notified(self, *_: object) -> None:
+        self._wake.set()
+
+    async def _close_listener(self) -> None:
+        conn, self._listener = self._listener, None
+        if conn is not None and not conn.is_closed():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), 5)
