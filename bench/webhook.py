@@ -174,15 +174,19 @@ def measure(kind: str, port: int, proc: subprocess.Popen[bytes], n: int, connect
 
     drive(port, signed(port, 300), connections, 0, tmp)  # warm: pools, prepared statements, caches
     ps = psutil.Process(proc.pid)
-    cpu0 = sum(ps.cpu_times()[:2])
+    cpu0, cores0 = sum(ps.cpu_times()[:2]), psutil.cpu_times(percpu=True)
     r = drive(port, signed(port, n), connections, 0, tmp)
     cpu = sum(ps.cpu_times()[:2]) - cpu0
+    # Busy share of each CPU over the run: which side (the server's CPU, or the one PostgreSQL shares) saturated.
+    busy = [1 - (c1.idle - c0.idle) / max(1e-9, sum(c1) - sum(c0)) for c0, c1 in
+            zip(cores0, psutil.cpu_times(percpu=True), strict=True)]
     ok = r["statuses"].get("200", 0)
     out = {"rate": n / r["elapsed"], "cpu_ms": cpu / n * 1e3, "rss_mb": ps.memory_info().rss / 2**20,
-           "ok": ok, "other": n - ok, "client_cpu_ms": r["cpu_s"] / n * 1e3}
+           "ok": ok, "other": n - ok, "client_cpu_ms": r["cpu_s"] / n * 1e3, "busy": busy}
     print(f"{kind:>4}: {out['rate']:8.0f} msg/s saturated (c={connections}, n={n})  server CPU "
           f"{out['cpu_ms']:.2f} ms/msg  RSS {out['rss_mb']:.0f} MB  non-200 {out['other']}  "
-          f"(client CPU {out['client_cpu_ms']:.3f} ms/msg)")
+          f"(client CPU {out['client_cpu_ms']:.3f} ms/msg; CPUs busy "
+          f"{' '.join(f'{i}:{b:.0%}' for i, b in enumerate(busy))})")
     return out
 
 
