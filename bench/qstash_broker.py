@@ -4,13 +4,15 @@ Three processes on this machine: a Redis, a receiver (uvicorn, counts POSTs, ans
 (``python -m whatrack.devstack.qstash.broker``, as ``whatrack stack up`` runs it). Two measurements, same N, same
 concurrency:
 
-- **bare**: this process POSTs N bodies straight to the receiver with one ``httpx.AsyncClient`` (what delivery costs
-  with no broker at all);
+- **bare**: ``bench/httpload.py`` (a lean raw-socket client, its own process) POSTs N bodies straight to the receiver:
+  what delivering costs with no broker at all, the honest ceiling;
 - **broker**: this process publishes N messages to the receiver's URL with the official ``AsyncQStash`` client
   (``--batch K`` uses ``batch`` requests of K messages instead), and the clock stops when the receiver has counted N
   deliveries (each one persisted, signed, delivered and recorded by the broker).
 
-Prints both rates and the ratio broker/bare. Usage: ``python bench/qstash_broker.py [-n 5000] [-c 64] [--batch 0]``.
+Prints both rates, the ratio broker/bare and the CPU per message of each process (steadier than rates on a shared
+machine). Usage: ``python bench/qstash_broker.py [-n 5000] [-c 64] [--batch 0]``. The open-loop sweep through the
+broker with the real endpoint is ``bench/e2e.py``.
 """
 
 from __future__ import annotations
@@ -77,22 +79,22 @@ async def count(client: httpx.AsyncClient, base: str) -> int:
     return int((await client.get(base + "/count")).text)
 
 
-async def bare(base: str, n: int, conc: int) -> float:
-    sem = asyncio.Semaphore(conc)
-    limits = httpx.Limits(max_connections=conc, max_keepalive_connections=conc)
-    async with httpx.AsyncClient(limits=limits, timeout=60) as c:
-        start_count = await count(c, base)
+def bare(port: int, n: int, conc: int, tmp: Path) -> tuple[float, float]:
+    """``bench/httpload.py`` closed loop, ``conc`` connections: (messages/s, client CPU ms per message)."""
+    import json
+    import pickle
 
-        async def one(i: int) -> None:
-            async with sem:
-                r = await c.post(f"{base}/bare", content=b'{"i": %d}' % i, headers={"content-type": "application/json"})
-                r.raise_for_status()
+    from httpload import build_request  # bench/ is on sys.path when this file runs as a script
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one(i) for i in range(n)))
-        elapsed = time.perf_counter() - t0
-        assert await count(c, base) - start_count == n
-    return n / elapsed
+    reqs, out = Path(tmp) / "requests.pickle", Path(tmp) / "result.json"
+    reqs.write_bytes(pickle.dumps([build_request("127.0.0.1", port, "/bare", b'{"i": %d}' % i, {})
+                                   for i in range(n)]))
+    subprocess.run([sys.executable, str(ROOT / "bench" / "httpload.py"), str(reqs), str(out), "127.0.0.1", str(port),
+                    str(conc), "0"], check=True)
+    r = json.loads(out.read_text())
+    if r["statuses"].get("200", 0) != n:
+        raise SystemExit(f"bare run: not every POST got a 200: {r['statuses']}, {r['errors']} errors")
+    return n / r["elapsed"], r["cpu_s"] * 1e3 / n
 
 
 async def through_broker(broker: str, base: str, n: int, conc: int, batch: int) -> tuple[float, float]:
@@ -145,12 +147,11 @@ def main() -> int:
             base, burl = f"http://127.0.0.1:{rport}", f"http://127.0.0.1:{bport}"
             wait_http(base + "/count")
             wait_http(burl + "/v2/keys", {"Authorization": f"Bearer {DEV_TOKEN}"})
-            asyncio.run(bare(base, min(500, args.n), args.c))  # warm-up: connections, imports, caches
+            bare(rport, min(500, args.n), args.c, Path(tmp))  # warm-up: connections, imports, caches
             rcpu = psutil.Process(receiver.pid)
-            me = psutil.Process()
-            r0, m0 = rcpu.cpu_times(), me.cpu_times()
-            bare_rate = asyncio.run(bare(base, args.n, args.c))
-            r1, m1 = rcpu.cpu_times(), me.cpu_times()
+            r0 = rcpu.cpu_times()
+            bare_rate, client_ms = bare(rport, args.n, args.c, Path(tmp))
+            r1 = rcpu.cpu_times()
             bcpu = psutil.Process(broker.pid)
             b0 = bcpu.cpu_times()
             pub_rate, e2e_rate = asyncio.run(through_broker(burl, base, args.n, args.c, args.batch))
@@ -161,16 +162,15 @@ def main() -> int:
                 proc.wait(30)
     mode = f"batch of {args.batch}" if args.batch else "one publish per message"
     print(f"N={args.n} concurrency={args.c} ({mode}), cores={os.cpu_count()}")
-    print(f"bare  httpx → receiver:                 {bare_rate:8.0f} msg/s")
+    print(f"bare  httpload → receiver:              {bare_rate:8.0f} msg/s")
     print(f"broker publish accepted (persisted):    {pub_rate:8.0f} msg/s")
     print(f"broker publish → delivered (end to end): {e2e_rate:8.0f} msg/s")
     print(f"ratio end-to-end / bare:                {e2e_rate / bare_rate:8.2f}")
     # CPU per message is steadier than rates on a shared machine: it does not depend on what else runs.
     broker_ms = ((b1.user + b1.system) - (b0.user + b0.system)) * 1000 / args.n
     receiver_ms = ((r1.user + r1.system) - (r0.user + r0.system)) * 1000 / args.n
-    client_ms = ((m1.user + m1.system) - (m0.user + m0.system)) * 1000 / args.n
     print(f"CPU per message: broker {broker_ms:.2f} ms (accept + persist + sign + deliver + record); for scale, "
-          f"bare httpx client {client_ms:.2f} ms per POST, receiver {receiver_ms:.2f} ms per request")
+          f"bare client {client_ms:.2f} ms per POST, receiver {receiver_ms:.2f} ms per request")
     return 0
 
 

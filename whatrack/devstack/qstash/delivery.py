@@ -1,9 +1,11 @@
 """The offline QStash broker's delivery loop: claim due messages, deliver them signed, record each outcome atomically.
 
 One dispatcher task claims due messages in batches (moving them to a lease set) and hands each to a bounded pool of
-delivery tasks sharing one keep-alive ``httpx.AsyncClient``. Every outcome (delivered, retry scheduled, failed to the
-DLQ, canceled), with its events and any callback message, is one Redis transaction. Nothing polls when a wakeup
-signal works: publishes and finished deliveries set an ``asyncio.Event``; timers only cover the next due time.
+delivery tasks sharing one keep-alive ``aiohttp.ClientSession`` (a tenth of httpx's CPU per request, measured: with
+httpx the client took two thirds of the broker's CPU per delivered message). Every outcome (delivered, retry scheduled,
+failed to the DLQ, canceled), with its events and any callback message, is one Redis transaction. Nothing polls when
+a wakeup signal works: publishes, retries, queue and flow-control slots freed and a full pool's first free slot set an
+``asyncio.Event``; timers only cover the next due time.
 """
 
 from __future__ import annotations
@@ -15,14 +17,14 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import aiohttp
 import certifi
-import httpx
 
 from whatrack.devstack.qstash.durations import HeaderError, default_backoff_s, eval_retry_delay_ms, retry_after_s
 from whatrack.devstack.qstash.flow import FlowControl
@@ -43,8 +45,6 @@ log = logging.getLogger("whatrack.devstack.qstash.delivery")
 
 #: Concurrent delivery attempts: enough to keep a 2-core machine busy at > 1,000 deliveries/s with a fast endpoint.
 DEFAULT_CONCURRENCY = 128
-#: Connections per httpx pool (see Dispatcher.start).
-POOL_SHARD = 16
 #: Messages claimed per Redis round trip.
 CLAIM_BATCH = 256
 #: Lease length. An expired lease is taken back only when no attempt for that message runs in this process, so a
@@ -52,6 +52,9 @@ CLAIM_BATCH = 256
 LEASE_MARGIN_S = 60
 #: Longest the loop sleeps without a signal: bounds how late a message published by another process is noticed.
 IDLE_WAIT_S = 1.0
+#: After a wakeup, wait this long for more (a batch publish accepts its messages one by one): one claim per burst
+#: rather than one per message, for at most this much latency.
+COALESCE_S = 0.002
 #: Response bodies are kept (DLQ, events, callbacks) up to this size, as QStash truncates to its plan limit.
 MAX_RESPONSE_BODY = 64 * 1024
 
@@ -72,6 +75,15 @@ async def mock_httpstatus(url: str) -> Attempt:
     if sleep_ms.isdigit():
         await asyncio.sleep(int(sleep_ms) / 1000)
     return Attempt(code, {"content-type": "text/plain"}, f"{code} {reason}".encode())
+
+
+def _merged(headers: Any) -> dict[str, str]:
+    """Response headers lower-cased, repeated names joined with ", " (as one HTTP field value)."""
+    out: dict[str, str] = {}
+    for k, v in headers.items():
+        name = k.lower()
+        out[name] = f"{out[name]}, {v}" if name in out else v
+    return out
 
 
 @dataclass
@@ -108,8 +120,7 @@ class Dispatcher:
         self.cancel_requested: set[str] = set()
         self.dirty_queues: set[str] = set()
         self._dlq_seq = itertools.count()
-        self._clients: list[httpx.AsyncClient] = []
-        self._turn: Iterator[httpx.AsyncClient] = iter(())
+        self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._next_schedule: int | None = 0  # 0: look at the schedules on the first pass
@@ -122,15 +133,9 @@ class Dispatcher:
             log.info("recovered %d in-flight or wait-listed messages from an earlier run", moved)
         await self.flow.load()
         self.dirty_queues.update(m.decode() for m in await self.store.r.smembers(self.store.k("queues")))
-        # Several small pools rather than one big one: httpcore scans its whole pool for every request, so one pool of
-        # 128 connections costs more CPU per delivery than 8 pools of 16 used in turn.
-        shards = max(1, self.concurrency // POOL_SHARD)
-        per = -(-self.concurrency // shards)
-        limits = httpx.Limits(max_connections=per, max_keepalive_connections=per)
-        tls = ssl.create_default_context(cafile=certifi.where())  # verified; loaded once, not once per pool
-        self._clients = [httpx.AsyncClient(limits=limits, follow_redirects=False, trust_env=False, verify=tls)
-                         for _ in range(shards)]
-        self._turn = itertools.cycle(self._clients)
+        tls = ssl.create_default_context(cafile=certifi.where())  # certificates verified, as QStash does
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.concurrency, ssl=tls),
+                                              trust_env=False, cookie_jar=aiohttp.DummyCookieJar())
         self._stopping = False
         self._task = asyncio.create_task(self._run(), name="qstash-dispatcher")
 
@@ -146,8 +151,8 @@ class Dispatcher:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for c in self._clients:
-            await c.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     def poke(self, queue: str | None = None) -> None:
         if queue:
@@ -172,6 +177,7 @@ class Dispatcher:
             if timeout > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), timeout)
+                    await asyncio.sleep(COALESCE_S)
 
     async def _pass(self) -> float:
         """One pass; returns how long to sleep (0 = go again at once) unless woken. One Redis round trip when idle."""
@@ -226,18 +232,24 @@ class Dispatcher:
     async def _attempt(self, rec: Record, body: bytes) -> None:
         mid = rec["messageId"]
         started = now_ms()
+        quiet = False
         try:
             result = await self._send(rec, body)
             await self._record(rec, body, result, started)
+            # A plain delivery that ended well changes nothing the loop waits for, unless the pool was full: no pass
+            # (a pass is a Redis round trip; one per delivery cost more broker CPU than the delivery itself).
+            quiet = result.ok and not any(rec.get(k) for k in ("flowControlKey", "queueName", "callback"))
         except asyncio.CancelledError:
             raise
         except Exception:  # a Redis failure while recording: the lease brings the message back, never lost
             log.exception("recording the outcome of %s failed; it will be attempted again", mid)
         finally:
+            full = len(self.in_flight) >= self.concurrency
             self.in_flight.pop(mid, None)
             if rec.get("flowControlKey"):
                 self.flow.finish(rec["flowControlKey"])
-            self.wake.set()
+            if full or not quiet:
+                self.wake.set()
 
     async def _send(self, rec: Record, body: bytes) -> Attempt:
         if self.emulate_httpstatus and urlsplit(rec["url"]).hostname == MOCK_HTTPSTATUS:
@@ -253,12 +265,18 @@ class Dispatcher:
             if rec.get(src):
                 headers[dst] = rec[src]
         headers["Upstash-Signature"] = sign(body, rec["url"], self.signing_key())
+        assert self._session is not None, "Dispatcher.start() first"
         try:
-            resp = await next(self._turn).request(rec["method"], rec["url"], content=body, headers=headers,
-                                              timeout=float(rec.get("timeout", 900)))
-            return Attempt(resp.status_code, {k.lower(): v for k, v in resp.headers.items()},
-                           resp.content[:MAX_RESPONSE_BODY])
-        except httpx.HTTPError as e:
+            # No Content-Type of aiohttp's own: a message published without one is delivered without one.
+            async with self._session.request(rec["method"], rec["url"], data=body, headers=headers,
+                                             allow_redirects=False, skip_auto_headers=("Content-Type",),
+                                             timeout=aiohttp.ClientTimeout(total=float(rec.get("timeout", 900)))
+                                             ) as resp:
+                content = await resp.read()
+                return Attempt(resp.status, _merged(resp.headers), content[:MAX_RESPONSE_BODY])
+        except TimeoutError:
+            return Attempt(error=f"ReadTimeout: no answer within {rec.get('timeout', 900)} s")
+        except (aiohttp.ClientError, OSError, ValueError) as e:  # refused, reset, TLS, a URL it cannot reach
             return Attempt(error=f"{type(e).__name__}: {e}".rstrip(": "))
 
     def _retry_delay_ms(self, rec: Record, result: Attempt) -> float:
@@ -278,7 +296,6 @@ class Dispatcher:
         mid = rec["messageId"]
         t = now_ms()
         st = self.store
-        resp = response_fields(result.status, result.headers, result.body)
         canceled = mid in self.cancel_requested
         final_failure = not result.ok and (result.non_retryable or canceled
                                            or rec.get("retried", 0) >= rec["maxRetries"])
@@ -293,6 +310,7 @@ class Dispatcher:
             cmds += self._finish(rec)
         else:
             error = result.error or f"status {result.status}"
+            resp = response_fields(result.status, result.headers, result.body)
             cmds.append(st.event_command(event(rec, "ERROR", t, error=error, **resp)))
             if final_failure:
                 dlq_id = f"{t}-{next(self._dlq_seq)}"
@@ -309,7 +327,7 @@ class Dispatcher:
                 cmds.append(["HSET", st.k("msg", mid), "rec", json.dumps(rec)])
                 cmds.append(["ZADD", st.k("due"), due, mid])
                 cmds.append(st.event_command(event(rec, "RETRY", t, nextDeliveryTime=due)))
-        await st.group.run(cmds)
+        await st.apply(cmds)
         if result.ok:
             self.delivered += 1
         if rec.get("queueName") and (result.ok or final_failure or canceled):
@@ -340,7 +358,7 @@ class Dispatcher:
     async def finish_canceled(self, rec: Record) -> None:
         """End a message that was canceled before (or instead of) its next attempt."""
         mid = rec["messageId"]
-        await self.store.group.run([["ZREM", self.store.k("lease"), mid],
+        await self.store.apply([["ZREM", self.store.k("lease"), mid],
                                     self.store.event_command(event(rec, "CANCELED", now_ms())), *self._finish(rec)])
         self.cancel_requested.discard(mid)
         if rec.get("queueName"):
