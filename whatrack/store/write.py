@@ -102,6 +102,18 @@ def describe(e: BaseException) -> str:
     return f"{kind}{f' [{state}]' if state else ''}: {first}" if first else kind
 
 
+async def _reset(conn: asyncpg.Connection) -> None:
+    """Before a connection goes back to the pool: roll back a transaction left open (a cancelled request).
+
+    asyncpg's default reset sends ``SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`` on every
+    release, a round trip per request (about 9 % of the endpoint's CPU, profiled). Pooled connections here take no
+    advisory lock, open no cursor outside a statement, LISTEN on nothing (the publisher has its own connection) and
+    set nothing per session, so only an open transaction needs undoing.
+    """
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
 class Writer:
     """An asyncpg pool on one PostgreSQL database, opened on first use (inside the running event loop)."""
 
@@ -122,7 +134,7 @@ class Writer:
                 if self._pool is None:
                     self._pool = await asyncpg.create_pool(
                         self._dsn, min_size=0, max_size=self._size, timeout=CONNECT_TIMEOUT_S,
-                        server_settings=self._settings, max_inactive_connection_lifetime=300)
+                        server_settings=self._settings, max_inactive_connection_lifetime=300, reset=_reset)
         return self._pool
 
     async def connect(self) -> asyncpg.Connection:
