@@ -156,10 +156,20 @@ def write_run_json(run_dir: Path, run: Mapping[str, Any]) -> Path:
     return p
 
 
+def _figure(v: Any) -> str:
+    """One figure of an acceptance row as the table shows it (floats rounded, mappings inline)."""
+    if isinstance(v, float):
+        return "n/a" if v != v else f"{v:.1f}"
+    if isinstance(v, Mapping):
+        return ", ".join(f"{k} {_figure(x)}" for k, x in v.items())
+    return "n/a" if v is None else str(v)
+
+
 def write_index(run_dir: Path, run: Mapping[str, Any]) -> Path:
     """Render ``index.html`` from the run data (the structure written by :func:`whatrack.runs.execute.execute`)."""
     env = jinja2.Environment(autoescape=True, undefined=jinja2.ChainableUndefined)
     env.filters["jsonpretty"] = lambda v: json.dumps(v, indent=1, default=str)
+    env.filters["figure"] = _figure
     page = env.from_string(_INDEX).render(run=run)
     p = run_dir / "index.html"
     p.write_text(page, encoding="utf-8")
@@ -205,9 +215,12 @@ token-shaped string found.</p>
 <code>{{ f.file }}</code>{% if f.cell is not none %} cell {{ f.cell }} (<code>In [{{ f.cell }}]</code>){% endif %}</li>
 {% endfor %}</ul>{% endif %}
 
-{% if run.acceptance %}<h2>Acceptance criteria</h2>
-<table><tr><th>criterion</th><th>evidence</th><th>verdict</th></tr>
-{% for c in run.acceptance %}<tr><td>{{ c.criterion }}</td><td>{{ c.evidence }}</td>
+{% if run.acceptance %}<h2>Acceptance criteria (PRD section 13)</h2>
+<table><tr><th>#</th><th>criterion</th><th>evidence</th><th>figures</th><th>verdict</th></tr>
+{% for c in run.acceptance %}<tr><td>{{ c.number or loop.index }}</td>
+<td><b lang="pt">{{ c.criterion }}</b>{% if c.gloss %}<br><i>{{ c.gloss }}</i>{% endif %}</td><td>{{ c.evidence }}</td>
+<td>{% if c.figures %}{% for k, v in c.figures.items() %}<code>{{ k }}</code>: {{ v | figure }}{% if not loop.last
+%}<br>{% endif %}{% endfor %}{% endif %}</td>
 <td class="{{ c.verdict | replace(' ', '-') }}">{{ c.verdict }}</td></tr>{% endfor %}</table>{% endif %}
 
 {% for ph in run.phases %}<section class="phase" id="{{ ph.phase }}">
