@@ -132,7 +132,7 @@ def test_mixed_run_counts_and_verdict() -> None:
     )
     ledger = classify(s, obs)
     assert ledger.counts() == {"ok": 7, "lost": 2, "duplicated": 1, "unexpected": 1, "recovered": 0, "unknown": 1,
-                               "total": 12}
+                               "undelivered": 0, "total": 12}
     assert ledger.lost == 2 and ledger.duplicated == 1 and ledger.unexpected == 1 and ledger.unknown == 1
     assert not ledger.passed
     assert ledger.summary().startswith("FAIL")

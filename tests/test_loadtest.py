@@ -286,3 +286,36 @@ async def test_dlq_replay_recovers_without_duplicates(stack_env: dict[str, str])
     assert ledger.recovered == 6 and ledger.duplicated == 0 and ledger.lost == 0, ledger.summary()
     assert not [d for d in after.dlq if d.provider_id in {w.provider_id for w in webhooks}]  # deleted from the DLQ
     assert len(after.rows) == 6 and len(after.publications) == 6
+
+
+@pytest.mark.parametrize(("rows", "pubs", "in_dlq", "expected"), [
+    (0, 0, False, "undelivered"),  # QStash still retrying: not lost
+    (1, 0, False, "undelivered"),  # stored, QStash retrying after a late failure: the retry publishes it
+    (1, 1, False, "ok"),  # arrived while QStash logged a retry: observed once, ok
+    (0, 0, True, "lost"),  # in the DLQ: QStash gave up, whatever an older event said
+    (2, 0, False, "duplicated"),
+])
+def test_a_message_qstash_still_holds_is_undelivered_never_lost(rows: int, pubs: int, in_dlq: bool,
+                                                                 expected: str) -> None:
+    from whatrack.proof.ledger import DlqItem, Observations, Publication, Sent, StoredRow, classify
+
+    pid = "5511999990000:ID0001"
+    obs = Observations(rows=tuple(StoredRow(pid, "ID0001", 1, 100.5, None) for _ in range(rows)),
+                       publications=tuple(Publication("conversation:1", "ID0001", 1) for _ in range(pubs)),
+                       dlq=(DlqItem("d", "m", pid, 503),) if in_dlq else (), pending=frozenset({pid}))
+    ledger = classify([Sent(pid, 100.0, "accepted", "m")], obs)
+    assert [e.verdict for e in ledger.entries] == [expected]
+    assert ledger.passed is (expected == "ok")
+    without = classify([Sent(pid, 100.0, "accepted", "m")], Observations(rows=obs.rows, publications=obs.publications,
+                                                                         dlq=obs.dlq))
+    assert without.undelivered == 0  # the same records, QStash done with the message: never "undelivered"
+
+
+def test_the_settle_wait_follows_qstash_backoff() -> None:
+    from whatrack.proof.ledger import retry_schedule
+    from whatrack.proof.load import SETTLE_MARGIN_S, settle_timeout_for
+
+    assert [round(s) for s in retry_schedule(3)] == [12, 148, 1808]  # min(86400, e^(2.5 n)), protocols/qstash.md
+    assert retry_schedule(10)[-1] == 86400.0  # capped at a day
+    assert settle_timeout_for(3) == pytest.approx(sum(retry_schedule(3)) + SETTLE_MARGIN_S)
+    assert settle_timeout_for(0) == SETTLE_MARGIN_S

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -48,6 +49,22 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     return parser
 
 
+def stop_on_sigterm() -> None:
+    """Make SIGTERM act as Ctrl-C (SIGINT), so every command's ``finally`` and ``with`` blocks stop its children
+    (JupyterLab, kernels, endpoints, a devstack it brought up). A second SIGTERM during that clean-up is ignored:
+    the clean-up itself ends in SIGKILL for whatever does not stop (:mod:`whatrack.devstack.process`)."""
+
+    def on_term(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        on_int = signal.getsignal(signal.SIGINT)
+        if callable(on_int) and on_int is not signal.default_int_handler:
+            on_int(signal.SIGINT, frame)  # type: ignore[arg-type]  # asyncio.run's: cancels the main task
+            return
+        raise KeyboardInterrupt  # as Ctrl-C does (also when SIGINT is ignored, as in a script's background job)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
@@ -64,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError:
         secrets = []  # the command itself will report the bad setting
     logs.configure("DEBUG" if args.verbose else "INFO", secrets)
+    stop_on_sigterm()
     try:
         return int(args.func(args) or 0)
     except WhatrackError as e:

@@ -33,12 +33,14 @@ def _dotenv() -> dict[str, str]:
 
 
 def _cmd_loadtest(args: argparse.Namespace) -> int:
-    from whatrack.proof.load import EndpointProcess, run_load
+    from whatrack.proof.load import EndpointProcess, run_load, settle_timeout_for
 
     settings = Settings.from_env()
     config = LoadConfig(n=args.messages, seed=args.seed if args.seed is not None else int(time.time()) % 1_000_000,
                         instances=args.instances, leads=args.leads, rate=args.rate, concurrency=args.concurrency,
-                        retries=args.retries, settle_timeout=args.settle_timeout, replay_dlq=not args.no_replay)
+                        retries=args.retries, replay_dlq=not args.no_replay,
+                        settle_timeout=args.settle_timeout if args.settle_timeout is not None
+                        else settle_timeout_for(args.retries))
     endpoint = None
     if args.serve:
         env = {k: v for k, v in os.environ.items()}
@@ -53,6 +55,9 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
     for k, v in result.summary().items():
         print(f"{k.ljust(width)}  {v}")
     print(result.ledger.summary())
+    note = result.pending_note()
+    if note:
+        print(note)
     return 0 if result.passed else 1
 
 
@@ -65,7 +70,9 @@ def _add_loadtest(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--leads", type=int, default=50, help="leads (conversations) per instance")
     p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="publishes in flight")
     p.add_argument("--retries", type=int, default=3, help="QStash delivery retries per message")
-    p.add_argument("--settle-timeout", type=float, default=180.0)
+    p.add_argument("--settle-timeout", type=float, default=None,
+                   help="seconds to wait for the last delivery (default: QStash's backoff for --retries, plus 60 s; "
+                        "the wait ends as soon as QStash has settled every message)")
     p.add_argument("--no-replay", action="store_true", help="leave the DLQ alone")
     p.add_argument("--serve", action="store_true",
                    help="run the endpoint (whatrack serve) as a subprocess on WEBHOOK_PUBLIC_URL's port")
@@ -88,7 +95,7 @@ def _cmd_faults(args: argparse.Namespace) -> int:
     run = run_matrix(chosen, cfg, stack_dir=Path(args.stack_dir))
     rows = run.rows()
     cols = ["scenario", "passed", "messages", "ok", "lost", "duplicated", "unexpected", "recovered", "unknown",
-            "retries", "dlq", "stored_per_s", "commit_p99_ms", "seconds"]
+            "undelivered", "retries", "dlq", "stored_per_s", "commit_p99_ms", "seconds"]
     print("  ".join(cols))
     for r in rows:
         print("  ".join(str(r.get(c, "")) for c in cols) + f"  | {r['notes']} {r['error']}".rstrip())

@@ -195,7 +195,7 @@ class ScenarioResult:
             c = self.load.ledger.counts()
             base |= {"messages": c["total"], "ok": c["ok"], "lost": c["lost"], "duplicated": c["duplicated"],
                      "unexpected": c["unexpected"], "recovered": c["recovered"], "unknown": c["unknown"],
-                     "retries": self.load.retries, "dlq": self.load.dlq,
+                     "undelivered": c["undelivered"], "retries": self.load.retries, "dlq": self.load.dlq,
                      "stored_per_s": round(self.load.stored_per_s, 1), "commit_p99_ms": round(self.load.commit.p99)}
         base |= {"seconds": round(self.seconds, 1), "notes": "; ".join(self.notes), "error": self.error or ""}
         base |= self.extra

@@ -31,8 +31,9 @@ from whatrack.errors import ConfigError, PublishError, StackError, StoreError
 from whatrack.proof.config import DEFAULT_CONCURRENCY as DEFAULT_CONCURRENCY  # re-exported
 from whatrack.proof.config import LoadConfig as LoadConfig  # re-exported
 from whatrack.proof.generate import Webhook, generate, instances_of
-from whatrack.proof.ledger import Ledger, Replay, Sent, classify, collect, dlq_items, replay_dlq
+from whatrack.proof.ledger import Ledger, Replay, Sent, classify, collect, dlq_items, replay_dlq, retry_schedule
 from whatrack.proof.plots import Percentiles, latency_stats
+from whatrack.proof.replay import require_endpoint
 from whatrack.qstash import SETTLED_STATES
 from whatrack.settings import SECRET_ENV_NAMES, Settings
 
@@ -43,6 +44,11 @@ log = logging.getLogger("whatrack.proof.load")
 
 #: Seconds without a new row before the settle wait asks QStash whether the missing messages are still in flight.
 STALL_CHECK_S = 3.0
+#: Seconds between the settle wait's "still retrying" lines.
+PENDING_LOG_S = 30.0
+#: Seconds past QStash's last backoff the settle wait allows for the last attempt itself (QStash's request timeout
+#: is minutes on paid plans; a healthy endpoint answers in well under a second).
+SETTLE_MARGIN_S = 60.0
 
 
 @dataclass
@@ -67,6 +73,17 @@ class LoadResult:
     @property
     def passed(self) -> bool:
         return self.ledger.passed
+
+    def pending_note(self) -> str | None:
+        """What is still pending, when QStash still holds messages (None otherwise): one line for the summary."""
+        n = self.ledger.undelivered
+        if not n:
+            return None
+        waits = ", ".join(f"{w:.0f} s" for w in retry_schedule(self.config.retries))
+        return (f"{n} message(s) undelivered (QStash retrying): not lost, not delivered yet; QStash's default backoff "
+                f"waits {waits} before its {self.config.retries} retries, then moves a message to the DLQ. Check "
+                "the endpoint (whatrack serve, /readyz), then run again with a longer --settle-timeout or replay "
+                "the DLQ.")
 
     def summary(self) -> dict[str, Any]:
         """The headline figures as one flat dict (a row of a table)."""
@@ -251,14 +268,21 @@ async def retry_count(publisher: Publisher, since_ms: int) -> int:
 
 # -- settling -----------------------------------------------------------------------------------------------------
 
+def settle_timeout_for(retries: int) -> float:
+    """The settle wait that follows QStash's default retry schedule: every backoff of ``retries`` retries, plus
+    :data:`SETTLE_MARGIN_S` for the last attempt (settle returns as soon as QStash has settled every message)."""
+    return sum(retry_schedule(retries)) + SETTLE_MARGIN_S
+
+
 async def settle(store: Any, publisher: Publisher, sent: Sequence[Sent], organization_id: int, *,
                  timeout: float) -> bool:
     """Wait until every accepted message is stored and published, or until QStash has settled the rest (FAILED: in
     the DLQ; or DELIVERED, yet not stored: lost, nothing more will come), or ``timeout``. Returns whether
-    everything accepted arrived."""
+    everything accepted arrived. While QStash still retries some, a line every :data:`PENDING_LOG_S` says how many
+    (the ledger then counts those still held at the end as undelivered, never lost)."""
     want = {s.provider_id: s.qstash_id for s in sent if s.qstash_id}
     deadline = time.monotonic() + timeout
-    last_count, last_change = -1, time.monotonic()
+    last_count, last_change, last_said = -1, time.monotonic(), 0.0
     while True:
         try:
             rows = await store.message_rows(organization_id=organization_id)
@@ -281,9 +305,15 @@ async def settle(store: Any, publisher: Publisher, sent: Sequence[Sent], organiz
                 log.info("[loadtest] %d messages settled by QStash without arriving (%s)", len(missing),
                          dict(Counter(states.get(m) for m in missing)))
                 return False
+            if now - last_said > PENDING_LOG_S:
+                last_said = now
+                log.info("[loadtest] %d messages not arrived, QStash still retrying them (%s); waiting up to %.0f s "
+                         "more", len(missing), dict(Counter(states.get(m, "no event yet") for m in missing)),
+                         max(deadline - now, 0))
             last_change = now
         if now > deadline:
-            log.warning("[loadtest] settle timed out with %d messages missing", len(missing))
+            log.warning("[loadtest] settle wait (%.0f s) over with %d messages not arrived; those QStash still "
+                        "retries are counted undelivered", timeout, len(missing))
             return False
         await asyncio.sleep(0.25)
 
@@ -312,7 +342,7 @@ async def run_load(settings: Settings, config: LoadConfig, *, during: Hook | Non
         during: an async hook started with the publishing (fault injection); it is awaited before settling.
 
     Raises:
-        ConfigError: a needed setting is missing.
+        ConfigError: a needed setting is missing, or nothing answers at ``WEBHOOK_PUBLIC_URL``.
         StoreError / PublishError: the database or QStash failed outside the load itself.
     """
     from whatrack.qstash import Publisher
@@ -321,6 +351,7 @@ async def run_load(settings: Settings, config: LoadConfig, *, during: Hook | Non
 
     settings.require("DATABASE_URL", "QSTASH_TOKEN", "WEBHOOK_PUBLIC_URL", "CENTRIFUGO_API_URL")
     assert settings.database_url
+    await require_endpoint(settings.webhook_public_url)  # seconds, not a silent settle wait then "lost"
     webhooks = generate(config.n, seed=config.seed, instances=config.instances, leads=config.leads)
     org_name = config.organization or f"whatrack loadtest {config.seed}"
     store = Store.from_url(settings.database_url)
@@ -350,7 +381,7 @@ async def run_load(settings: Settings, config: LoadConfig, *, during: Hook | Non
             mine = [d for d in await dlq_items(publisher) if d.provider_id in {s.provider_id for s in sent}]
             replays = await replay_dlq(publisher, mine, retries=config.retries)
             await settle(store, publisher, sent, org_id, timeout=config.settle_timeout)
-            obs = await collect(store, realtime, publisher, sent, organization_id=org_id)
+            obs = await collect(store, realtime, publisher, sent, organization_id=org_id, replays=replays)
         ledger = classify(sent, obs, replays)
         retries = await retry_count(publisher, since_ms)
     finally:

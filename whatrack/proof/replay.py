@@ -20,9 +20,37 @@ from urllib.parse import urlsplit
 
 from whatrack.demo import DEMO_ORGANIZATION
 from whatrack.errors import ConfigError, PayloadError
-from whatrack.settings import Settings
+from whatrack.settings import WEBHOOK_PATH, Settings
 
 log = logging.getLogger("whatrack.proof.replay")
+
+
+#: Seconds the endpoint preflight waits for any HTTP answer at ``WEBHOOK_PUBLIC_URL``.
+PREFLIGHT_TIMEOUT_S = 5.0
+
+
+async def require_endpoint(url: str | None, *, timeout: float = PREFLIGHT_TIMEOUT_S) -> int:
+    """Check that something answers HTTP at ``url`` (``WEBHOOK_PUBLIC_URL``) before anything is published: a
+    publish to a silent endpoint only spends QStash's retries and ends, minutes later, in the DLQ.
+
+    Any HTTP answer counts (the route answers 405 to a GET; a tunnel may answer 404 or 502): only "no connection"
+    and "no answer" fail. Returns the status code.
+
+    Raises:
+        ConfigError: naming ``WEBHOOK_PUBLIC_URL`` and the two ways to start the endpoint.
+    """
+    import httpx
+
+    if not url:
+        raise ConfigError("WEBHOOK_PUBLIC_URL", "is not set; it is where QStash delivers the webhooks",
+                          f"http://127.0.0.1:8000{WEBHOOK_PATH}")
+    try:
+        async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as c:
+            return (await c.get(url)).status_code
+    except httpx.HTTPError as e:
+        what = "no answer" if isinstance(e, httpx.TimeoutException) else "no connection"
+        raise ConfigError("WEBHOOK_PUBLIC_URL", f"nothing answers at WEBHOOK_PUBLIC_URL={url} ({what}): start it "
+                          "with `whatrack serve` or pass `--serve`") from None
 
 
 def bundled_fixtures() -> list[Path]:
@@ -108,6 +136,7 @@ async def replay(settings: Settings, paths: Sequence[Path] | None = None, *, tim
 
     settings.require("DATABASE_URL", "QSTASH_TOKEN", "WEBHOOK_PUBLIC_URL")
     assert settings.database_url
+    await require_endpoint(settings.webhook_public_url)
     files = list(paths or bundled_fixtures())
     bodies = [f.read_bytes() for f in files]
     if unique:

@@ -48,8 +48,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from whatrack.errors import RunError, StackError, WhatrackError
+from whatrack.errors import ConfigError, RunError, StackError, WhatrackError
 from whatrack.runs import params as runs_params
+from whatrack.runs import preflight
 from whatrack.runs import report as runs_report
 from whatrack.runs import scan as runs_scan
 from whatrack.runs.defaults import DEFAULT_CELL_TIMEOUT, DEFAULT_TIME_SCALE
@@ -297,6 +298,28 @@ def _execute_phase(phase: str, src: Path, params: dict[str, Any], pdir: Path, km
     return rec
 
 
+def _missing_settings(chosen: Mapping[str, Path], params: Mapping[str, Mapping[str, Any]],
+                      env: Mapping[str, str]) -> str | None:
+    """The settings a phase declares it requires (a ``required`` parameter: ``"all"`` or names, as phase 00 does)
+    that are missing or malformed in ``env``, all in one line with examples; None when there are none."""
+    import ast
+
+    for phase, src in chosen.items():
+        decl = runs_params.declared(src).get("required")
+        if decl is None:
+            continue
+        value = params[phase].get("required")
+        if value is None:
+            with contextlib.suppress(ValueError, SyntaxError):
+                value = ast.literal_eval(decl.default)
+        names = preflight.REQUIRED if value in (None, "all") else [n.strip() for n in str(value).split(",")
+                                                                    if n.strip()]
+        problems = preflight.settings_problems(env, names)
+        if problems:
+            return f"phase {phase} not started: {preflight.problems_text(problems)}"
+    return None
+
+
 def _acceptance(phases: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]] | None:
     for ph in phases:
         if str(ph["phase"]).startswith(ACCEPTANCE_PHASE) and ph.get("results"):
@@ -345,12 +368,18 @@ def execute(phases: Sequence[str] = (), *, assignments: Sequence[str] = (), note
 
     Raises:
         RunError: before anything runs, for an unknown phase or parameter or a badly typed value.
+        ConfigError: before anything runs, listing every malformed setting; or the environment points at a
+            devstack that is stopped.
         StackError: the devstack was needed and could not start.
     """
     say = progress or (lambda line: log.info("%s", line))
     nb_dir = notebook_dir or default_notebook_dir()
     chosen = choose(discover(nb_dir), phases)
     base = dict(os.environ if environ is None else environ)  # the kernels inherit it, as papermill's would
+    stale = preflight.stale_stack(base)
+    if stale:
+        raise ConfigError("WHATRACK_STACK_DIR", stale)
+    preflight.require_settings(base, ())  # every malformed setting at once, before any stack or kernel starts
     base_secrets = Settings.from_env(base).secret_values()
     params = runs_params.resolve(runs_params.parse_assignments(assignments), chosen, base_secrets)
     stack_dir = stack_dir or runs_dir / ".stack"
@@ -372,7 +401,8 @@ def execute(phases: Sequence[str] = (), *, assignments: Sequence[str] = (), note
             scale = time_scale if how.startswith("started") else None  # a reused stack keeps its own
             data["mode"], data["stack"] = settings.mode, {"how": how, "time_scale": scale}
             km_class = _kernel_manager_class(env)
-            for i, (phase, src) in enumerate(chosen.items()):
+            data["failure"] = _missing_settings(chosen, params, env)  # before any kernel starts
+            for i, (phase, src) in enumerate(chosen.items() if data["failure"] is None else ()):
                 say(f"[{i + 1}/{len(chosen)}] {phase} ...")
                 rec = _execute_phase(phase, src, params[phase], run_dir / phase, km_class, cell_timeout, secrets)
                 data["phases"][i] = rec

@@ -1,9 +1,11 @@
 """The ASGI app (Starlette on uvicorn): the QStash webhook route, health and metrics (``whatrack serve`` runs it).
 
 ``POST /api/v1/webhooks/qstash/whatsapp[/anything]`` takes QStash deliveries (UAZAPI may append ``/{event}/{type}``);
-``GET /healthz`` answers while the process is up. Collaborators (store, realtime, verifier) are built once in the
-lifespan from :class:`~whatrack.settings.Settings` and closed on shutdown. The lifespan also runs this process's
-realtime outbox publisher (``webhook.publisher``). The endpoint runs on PostgreSQL only.
+``GET /healthz`` answers while the process is up (liveness); ``GET /readyz`` answers 200 only while the database
+answers too (readiness: 503 otherwise; what ``whatrack serve`` checks before it listens is in ``webhook.startup``).
+Collaborators (store, realtime, verifier) are built once in the lifespan from :class:`~whatrack.settings.Settings` and
+closed on shutdown. The lifespan also runs this process's realtime outbox publisher (``webhook.publisher``). The
+endpoint runs on PostgreSQL only.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from whatrack.metrics import CONTENT_TYPE, Metrics
 from whatrack.settings import WEBHOOK_PATH, Settings
 from whatrack.webhook.handler import Outcome, WebhookHandler
 from whatrack.webhook.publisher import Publisher
+from whatrack.webhook.startup import database_problem
 
 log = logging.getLogger("whatrack.webhook.app")
 
@@ -64,8 +67,7 @@ def create_app(settings: Settings | None = None, *, handler: WebhookHandler | No
     metrics = metrics or Metrics()
 
     def observe(outcome: Outcome, seconds: float) -> None:
-        metrics.observe_webhook(outcome.outcome, seconds,
-                                realtime_failed=outcome.body.get("error") == "realtime_unavailable")
+        metrics.observe_webhook(outcome.outcome, seconds)  # realtime failures: counted by the outbox publisher
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -104,6 +106,13 @@ def create_app(settings: Settings | None = None, *, handler: WebhookHandler | No
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
+    async def readyz(request: Request) -> Response:
+        h: WebhookHandler | None = state["handler"]
+        problem = await database_problem(h.store.engine) if h is not None else "starting"
+        if problem:
+            return JSONResponse({"status": "unavailable", "database": problem}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
     async def metrics_route(request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
@@ -111,6 +120,7 @@ def create_app(settings: Settings | None = None, *, handler: WebhookHandler | No
         Route(WEBHOOK_PATH, webhook, methods=["POST"]),
         Route(WEBHOOK_PATH + "/{rest:path}", webhook, methods=["POST"]),
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_route, methods=["GET"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan)

@@ -15,11 +15,13 @@ def _serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from whatrack.webhook.startup import check_startup
+
     settings = Settings.from_env()
-    # Fail fast, naming the variable, before uvicorn starts (the clients themselves are built in the lifespan,
-    # inside the event loop: cent's aiohttp client cannot be made outside one).
-    settings.require("DATABASE_URL", "QSTASH_CURRENT_SIGNING_KEY", "QSTASH_NEXT_SIGNING_KEY", "WEBHOOK_PUBLIC_URL",
-                     "CENTRIFUGO_API_URL", "CENTRIFUGO_API_KEY")
+    # Fail fast with one line, naming the variable, before uvicorn starts: settings, signing keys' shape, database
+    # login and schema revision (the clients themselves are built in the lifespan, inside the event loop: cent's
+    # aiohttp client cannot be made outside one). A wrong password is a configuration error, not a 503 per delivery.
+    check_startup(settings)
     port = args.port
     if port is None:  # offline, the stack reserved a loopback port for us in WEBHOOK_PUBLIC_URL
         public = urlsplit(settings.webhook_public_url or "")
