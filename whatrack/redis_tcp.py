@@ -13,8 +13,8 @@ from urllib.parse import urlsplit
 
 import redis
 import redis.asyncio as aredis
-from redis.backoff import ExponentialBackoff
 from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from whatrack.errors import ConfigError
