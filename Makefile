@@ -22,8 +22,12 @@ node_modules/.installed: package.json package-lock.json
 run: setup
 	$(BIN)/whatrack run
 
+# Three workers on two cores: most tests wait on servers, retries and timeouts rather than CPU. One file per worker
+# (loadfile): a file's module fixtures (stacks, servers) are made once, and each notebook executes once.
+TEST_WORKERS ?= 3
+
 test: setup
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check whatrack tests bench
