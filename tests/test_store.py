@@ -393,6 +393,19 @@ async def test_register_instance_is_an_upsert_and_stores_only_the_hash(store: St
     assert [(i["name"], i["organization"], i["owner"]) for i in listed] == [("inst-a", "acme", OWNER)]
 
 
+async def test_list_leads_gives_the_ids_a_followup_needs(store: Store, inst: InstanceRef) -> None:
+    assert await store.list_leads() == []
+    saved = await store.save_message(inst, message())
+    other = await store.register_instance("globex", "inst-g", "globex-token-456")
+    await store.save_message(other, message(external_id="AC9D4D6F0000000000000000000E47F8"))
+    leads = await store.list_leads()
+    assert [(r["organization_id"], r["instance_id"], r["instance"], r["lead_id"], r["phone"]) for r in leads
+            if r["organization"] == "acme"] == [(inst.organization_id, inst.id, "inst-a", saved.lead_id, LEAD)]
+    assert len(leads) == 2 and await store.list_leads(limit=1) == leads[:1]  # newest lead first
+    assert {r["organization"] for r in await store.list_leads(other.organization_id)} == {"globex"}
+    assert TOKEN not in repr(leads)
+
+
 async def test_register_instance_conflicts_are_config_errors(store: Store, inst: InstanceRef) -> None:
     with pytest.raises(ConfigError, match="another organization"):
         await store.register_instance("globex", "inst-a", TOKEN)

@@ -39,7 +39,14 @@ import httpx
 import psutil
 from dotenv import dotenv_values
 
-from whatrack.demo import DEMO_NAME, DEMO_OWNER, DEMO_TOKEN  # the demo instance the stand-in UAZAPI serves
+from whatrack.demo import (  # the demo instances the stand-in UAZAPI serves, and the QStash dev token
+    DEMO_NAME,
+    DEMO_OWNER,
+    DEMO_TOKEN,
+    QSTASH_DEV_TOKEN,
+    instance_tokens,
+    uazapi_instances,
+)
 from whatrack.devstack import process, servers, tls
 from whatrack.errors import StackError
 from whatrack.settings import SECRET_ENV_NAMES, WEBHOOK_PATH
@@ -47,8 +54,7 @@ from whatrack.settings import SECRET_ENV_NAMES, WEBHOOK_PATH
 log = logging.getLogger("whatrack.devstack.stack")
 
 DEFAULT_DIR = Path("runs/.stack")
-#: The QStash dev server's user 1 (protocols/qstash.md §3.9): lets the JS SDK's dev mode recognise the broker.
-QSTASH_DEV_TOKEN = "eyJVc2VySUQiOiJkZWZhdWx0VXNlciIsIlBhc3N3b3JkIjoiZGVmYXVsdFBhc3N3b3JkIn0="  # noqa: S105
+#: QSTASH_DEV_TOKEN (whatrack.demo, imported above): the QStash dev server's user 1 (protocols/qstash.md §3.9).
 QSTASH_DEV_KEYS = ("sig_7kYjw48mhY7kAjqNGcy6cr29RJ6r", "sig_5ZB6DVzB1wjE8S6rZ7eenA8Pdnhs")
 PARTS = ("legacy_redis", "upstash_redis", "state_redis", "postgres", "qstash", "upstash_rest", "centrifugo", "uazapi")
 _NEEDS = {"qstash": {"state_redis"}, "centrifugo": {"state_redis"}, "upstash_rest": {"upstash_redis"}}
@@ -347,7 +353,7 @@ class Stack:
                            CENTRIFUGO_TOKEN_HMAC_SECRET_KEY=hmac_key)
             if "uazapi" in wanted:
                 port, admin = servers.free_port(), secrets.token_urlsafe(32)
-                child = {"WHATRACK_UAZAPI_INSTANCES": f"{DEMO_NAME}:{DEMO_TOKEN}:{DEMO_OWNER}",
+                child = {"WHATRACK_UAZAPI_INSTANCES": uazapi_instances(),
                          "UAZAPI_ADMIN_TOKEN": admin, "WEBHOOK_PUBLIC_URL": env["WEBHOOK_PUBLIC_URL"]}
                 if "QSTASH_URL" in env:
                     child.update(QSTASH_URL=env["QSTASH_URL"], QSTASH_TOKEN=env["QSTASH_TOKEN"])
@@ -355,7 +361,7 @@ class Stack:
                             port=port, check="http", url=f"http://127.0.0.1:{port}/_dev/health")
                 env.update(UAZAPI_BASE_URL=f"http://127.0.0.1:{port}", UAZAPI_ADMIN_TOKEN=admin,
                            WHATRACK_UAZAPI_INSTANCE_NAME=DEMO_NAME, WHATRACK_UAZAPI_INSTANCE_TOKEN=DEMO_TOKEN,
-                           UAZAPI_INSTANCE_TOKENS=f"{DEMO_NAME}:{DEMO_TOKEN}",
+                           UAZAPI_INSTANCE_TOKENS=instance_tokens(),  # every instance the stand-in serves
                            WHATRACK_UAZAPI_OWNER=DEMO_OWNER)
             if pg_future is not None:
                 pg_port, db_url = pg_future.result()

@@ -1,4 +1,5 @@
-"""``whatrack worker`` and ``whatrack followup schedule``; ``python -m whatrack.followups.cli`` runs the worker alone.
+"""``whatrack worker`` and ``whatrack followup schedule|resume``; ``python -m whatrack.followups.cli`` runs the worker
+alone.
 
 The queue (:mod:`whatrack.followups.jobs`) and the worker (:mod:`whatrack.followups.worker`) are imported by the
 command that runs, not by building the parser.
@@ -60,31 +61,79 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from whatrack.followups.jobs import open_queue
+    from whatrack.settings import mask_url
+
+    url, ca = _redis_from_env()
+
+    async def go() -> bool:
+        q = open_queue(url, ca_bundle=ca)
+        try:
+            was = bool(await q.isPaused())
+            if was:
+                await q.resume()
+            return was
+        finally:
+            await q.close()
+
+    was_paused = asyncio.run(go())
+    print(f"queue followup on {mask_url(url)} " + ("resumed: workers take its jobs again" if was_paused
+                                                   else "was not paused: nothing to do"))
+    return 0
+
+
 def _cmd_worker(args: argparse.Namespace) -> int:
     from whatrack.followups import worker
 
-    return worker.main(concurrency=args.concurrency, context=args.context)
+    return worker.main(concurrency=args.concurrency, context=args.context, metrics_port=args.metrics_port,
+                       metrics_host=args.metrics_host)
+
+
+def _port_arg(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (0-65535; 0 picks a free one), e.g. 9101")
+    return int(text)
+
+
+def _add_worker_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="jobs run at the same time")
+    p.add_argument("--context", default=None, metavar="MODULE:FUNCTION",
+                   help="async factory (settings) -> WorkerContext; default: the real store, UAZAPI and Centrifugo")
+    p.add_argument("--metrics-port", type=_port_arg, default=None, metavar="PORT",
+                   help="serve the worker's Prometheus metrics at http://HOST:PORT/metrics (queue paused, jobs "
+                        "per state, job outcomes, Redis errors); default: not served")
+    p.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                   help="address the metrics server binds (default 127.0.0.1; 0.0.0.0 for a scraper elsewhere)")
 
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``whatrack worker`` and ``whatrack followup schedule``."""
     w = subparsers.add_parser("worker", help="run the follow-up worker (UPSTASH_REDIS_URL) until SIGTERM/SIGINT")
-    w.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="jobs run at the same time")
-    w.add_argument("--context", default=None, metavar="MODULE:FUNCTION",
-                   help="async factory (settings) -> WorkerContext; default: the real store, UAZAPI and Centrifugo")
+    _add_worker_options(w)
     w.set_defaults(func=_cmd_worker)
 
     f = subparsers.add_parser("followup", help="follow-up jobs")
     fsub = f.add_subparsers(dest="followup_command", metavar="ACTION", required=True)
-    s = fsub.add_parser("schedule", help="schedule one follow-up (prints its job id)")
-    s.add_argument("--organization-id", type=int, required=True)
-    s.add_argument("--instance-id", type=int, required=True)
-    s.add_argument("--lead-id", type=int, required=True)
-    s.add_argument("--text", required=True)
+    s = fsub.add_parser("schedule", help="schedule one follow-up (prints its job id)",
+                        description="Schedule one follow-up on the followup queue (UPSTASH_REDIS_URL). The ids are "
+                                    "whatrack's database ids: `whatrack leads` lists them (organization, instance, "
+                                    "lead); the worker sends through that instance to that lead, unless the lead "
+                                    "replied in the meantime.")
+    s.add_argument("--organization-id", type=int, required=True, metavar="ID",
+                   help="the organization the instance and the lead belong to (`whatrack leads`, column org)")
+    s.add_argument("--instance-id", type=int, required=True, metavar="ID",
+                   help="the UAZAPI instance that sends (`whatrack leads` or `whatrack instances list`, column id); "
+                        "its token must be in UAZAPI_INSTANCE_TOKENS where the worker runs")
+    s.add_argument("--lead-id", type=int, required=True, metavar="ID",
+                   help="the lead to write to (`whatrack leads`, column lead)")
+    s.add_argument("--text", required=True, help="the message text (1 to 65536 characters)")
     s.add_argument("--in", dest="in_", type=_duration_arg, required=True, metavar="DURATION",
                    help="when, from now: 10m, 1h30m, 45s, 2d")
     s.add_argument("--job-id", default=None, help="stable id: scheduling again with it is a no-op")
     s.set_defaults(func=_cmd_schedule)
+    r = fsub.add_parser("resume", help="resume the followup queue if it is paused (a migration leaves it paused)")
+    r.set_defaults(func=_cmd_resume)
 
 
 def cli_main(argv: list[str] | None = None) -> int:
@@ -93,13 +142,13 @@ def cli_main(argv: list[str] | None = None) -> int:
     from whatrack.followups import worker
 
     parser = argparse.ArgumentParser(prog="python -m whatrack.followups.cli", description="run the follow-up worker")
-    parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY)
-    parser.add_argument("--context", default=None, metavar="MODULE:FUNCTION")
+    _add_worker_options(parser)
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logs.configure("DEBUG" if args.verbose else "INFO")
     try:
-        return worker.main(concurrency=args.concurrency, context=args.context)
+        return worker.main(concurrency=args.concurrency, context=args.context, metrics_port=args.metrics_port,
+                           metrics_host=args.metrics_host)
     except WhatrackError as e:
         print(f"whatrack worker: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1

@@ -68,6 +68,17 @@ from whatrack.followups.constants import (
     sent_key,
 )
 from whatrack.followups.jobs import FollowupJob, pooled_client
+from whatrack.followups.monitor import (
+    MONITOR_INTERVAL_S,
+    MetricsServer,
+    QueueMonitor,
+    count_failure,
+    count_outcome,
+    is_connection_error,
+    is_final_failure,
+    serve_metrics,
+)
+from whatrack.metrics import Metrics
 from whatrack.settings import Settings, mask_url
 
 log = logging.getLogger("whatrack.followups.worker")
@@ -303,12 +314,17 @@ Processor = Callable[[Job], Awaitable[Any]]
 
 
 class FollowupWorker:
-    """A started ``bullmq.Worker`` with the trap fixes; :meth:`close` shuts it down."""
+    """A started ``bullmq.Worker`` with the trap fixes; :meth:`close` shuts it down.
+
+    ``metrics`` (default: a registry of its own) gets the job outcomes, the Redis connection errors and what the
+    :class:`~whatrack.followups.monitor.QueueMonitor` sees every ``monitor_interval_s`` (paused, jobs per state).
+    """
 
     def __init__(self, url: str, processor: Processor, *, ca_bundle: str | None = None,
                  concurrency: int = DEFAULT_CONCURRENCY, lock_duration_ms: int = LOCK_DURATION_MS,
                  stalled_interval_ms: int = STALLED_INTERVAL_MS, pooled: bool = True,
-                 queue_name: str = QUEUE_NAME) -> None:
+                 queue_name: str = QUEUE_NAME, metrics: Metrics | None = None,
+                 monitor_interval_s: float = MONITOR_INTERVAL_S) -> None:
         if concurrency < 1:
             raise ConfigError("--concurrency", f"must be at least 1, got {concurrency}", "10")
         self.url = url
@@ -325,6 +341,10 @@ class FollowupWorker:
             return await processor(job)
 
         self.worker = FollowupBullWorker(queue_name, run_job, opts)
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.monitor = QueueMonitor(self.client, self.metrics, url=url, queue_name=queue_name,
+                                    interval_s=monitor_interval_s)
+        self.worker.on("completed", lambda job, result, *_: count_outcome(self.metrics, result))
         self.worker.on("failed", self._on_failed)
         self.worker.on("error", self._on_error)
         #: The worker's errors (not job failures), for health checks and tests; benign races are left out.
@@ -332,12 +352,13 @@ class FollowupWorker:
         self._judging: set[asyncio.Future[None]] = set()
         self._task: asyncio.Future[Any] | None = None
 
-    @staticmethod
-    def _on_failed(job: Job, err: Exception) -> None:
-        final = isinstance(err, UnrecoverableError) or job.attemptsMade >= int(job.opts.get("attempts") or 1)
-        log.warning("follow-up %s %s: %s", job.id, "failed" if final else "will be retried", err)
+    def _on_failed(self, job: Job, err: Exception, *_: object) -> None:
+        count_failure(self.metrics, job, err)
+        log.warning("follow-up %s %s: %s", job.id, "failed" if is_final_failure(job, err) else "will be retried", err)
 
     def _on_error(self, err: Exception, *_: object) -> None:
+        if is_connection_error(err):
+            self.metrics.redis_errors.inc()
         text = str(err)
         if text.startswith(_LOCK_RACE):
             # The renewal often races a completion: the script that completed the job (and dropped its lock) ran
@@ -368,6 +389,8 @@ class FollowupWorker:
         for w in caught:  # bullmq warns when maxmemory-policy is not noeviction: jobs could be evicted
             log.warning("redis at %s: %s", mask_url(self.url), w.message)
         await self.worker.runStalledJobsCheck()
+        await self.monitor.sample()  # a paused queue is said at once, not after the first interval
+        self.monitor.start()
         self._task = asyncio.ensure_future(self.worker.run())
         log.info("follow-up worker on %s (redis %s), concurrency %d", mask_url(self.url), version, self.concurrency)
 
@@ -380,6 +403,7 @@ class FollowupWorker:
     async def close(self, *, timeout: float | None = SHUTDOWN_GRACE_S, force: bool = False) -> None:
         """Stop taking jobs and wait for the running ones (up to ``timeout`` s); then, or with ``force``, abandon
         them: they stay active under their lock and come back to a worker through stalled recovery."""
+        await self.monitor.stop()
         closing = asyncio.ensure_future(self.worker.close())
         done = False
         deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
@@ -405,11 +429,19 @@ class FollowupWorker:
                 log.debug("worker run loop ended with %s during close", type(e).__name__)
         if self._judging:
             await asyncio.wait(set(self._judging))
+        # Last, once no task of the worker runs: bullmq closed this pool already, but a command that was still
+        # connecting then (the run loop's first CLIENT SETNAME, when close follows start at once) put a fresh
+        # connection back into it afterwards, which nothing would ever close (a leaked socket).
+        await self.client.aclose()
 
 
 async def serve(url: str, ctx: WorkerContext, *, ca_bundle: str | None = None,
-                concurrency: int = DEFAULT_CONCURRENCY, shutdown_grace_s: float = SHUTDOWN_GRACE_S) -> None:
-    """Run the follow-up worker until SIGTERM or SIGINT, then shut down gracefully (a second signal forces it)."""
+                concurrency: int = DEFAULT_CONCURRENCY, shutdown_grace_s: float = SHUTDOWN_GRACE_S,
+                metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> None:
+    """Run the follow-up worker until SIGTERM or SIGINT, then shut down gracefully (a second signal forces it).
+
+    ``metrics_port``: serve the worker's metrics at ``http://metrics_host:metrics_port/metrics`` (None: not served).
+    """
     loop = asyncio.get_running_loop()
     stop, force = asyncio.Event(), asyncio.Event()
 
@@ -424,11 +456,14 @@ async def serve(url: str, ctx: WorkerContext, *, ca_bundle: str | None = None,
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     fw = FollowupWorker(url, lambda job: process_followup(ctx, job), ca_bundle=ca_bundle, concurrency=concurrency)
+    exporter: MetricsServer | None = None
     if ctx.redis is None:
         # Jobs get a pool of their own: on the worker's, they could hold back its lock renewals.
         ctx.redis = pooled_client(url, ca_bundle=ca_bundle, max_connections=concurrency + 2)
         ctx.closers.append(ctx.redis.aclose)
     try:
+        if metrics_port is not None:
+            exporter = serve_metrics(fw.metrics, metrics_port, metrics_host)
         await fw.start()
         stopper = asyncio.ensure_future(stop.wait())
         await asyncio.wait({stopper, fw.task}, return_when=asyncio.FIRST_COMPLETED)
@@ -446,6 +481,8 @@ async def serve(url: str, ctx: WorkerContext, *, ca_bundle: str | None = None,
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        if exporter is not None:
+            exporter.close()
         await ctx.aclose()
     log.info("follow-up worker stopped")
 
@@ -518,8 +555,9 @@ def load_context_factory(spec: str | None) -> ContextFactory:
     return fn  # type: ignore[no-any-return]
 
 
-def main(*, concurrency: int = DEFAULT_CONCURRENCY, context: str | None = None) -> int:
-    """``whatrack worker``: settings from the environment, run until a signal.
+def main(*, concurrency: int = DEFAULT_CONCURRENCY, context: str | None = None, metrics_port: int | None = None,
+         metrics_host: str = "127.0.0.1") -> int:
+    """``whatrack worker``: settings from the environment, run until a signal (metrics: see :func:`serve`).
 
     Raises:
         ConfigError: UPSTASH_REDIS_URL (or what the context needs) is missing or malformed.
@@ -532,7 +570,8 @@ def main(*, concurrency: int = DEFAULT_CONCURRENCY, context: str | None = None) 
 
     async def go() -> None:
         ctx = await factory(settings)
-        await serve(url, ctx, ca_bundle=settings.redis_ca_bundle, concurrency=concurrency)
+        await serve(url, ctx, ca_bundle=settings.redis_ca_bundle, concurrency=concurrency,
+                    metrics_port=metrics_port, metrics_host=metrics_host)
 
     asyncio.run(go())
     return 0

@@ -1,4 +1,4 @@
-"""The store's commands: ``whatrack instances add|list`` and ``whatrack db upgrade``.
+"""The store's commands: ``whatrack instances add|list``, ``whatrack leads`` and ``whatrack db upgrade``.
 
 A token is never a command-line value (it would land in the shell history and in ``ps``): ``instances add`` reads
 it from the environment variable named by ``--token-env``, else from a hidden prompt, else from one line of stdin.
@@ -90,6 +90,31 @@ def _instances_list(args: argparse.Namespace) -> int:
     return _with_store(run)
 
 
+def _leads(args: argparse.Namespace) -> int:
+    async def run(store: Store) -> int:
+        items = await store.list_leads(args.organization_id, limit=args.limit)
+        print(f"{'org':>4} {'organization':<20} {'instance':>8} {'instance name':<24} {'lead':>6}  {'phone':<16} name")
+        for i in items:
+            inst = "-" if i["instance_id"] is None else str(i["instance_id"])
+            phone = i["phone"] or ("(group)" if i["is_group"] else "-")
+            print(f"{i['organization_id']:>4} {i['organization']:<20} {inst:>8} {i['instance'] or '-':<24} "
+                  f"{i['lead_id']:>6}  {phone:<16} {i['name'] or ''}".rstrip())
+        if not items:
+            print("(no leads yet: they appear when a webhook stores a message)")
+        else:
+            print("schedule one: whatrack followup schedule --organization-id ORG --instance-id INSTANCE "
+                  "--lead-id LEAD --text '...' --in 10m")
+        return 0
+
+    return _with_store(run)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number, e.g. 50")
+    return int(text)
+
+
 def _db_upgrade(args: argparse.Namespace) -> int:
     async def run(store: Store) -> int:
         await store.upgrade()
@@ -113,6 +138,14 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     add.set_defaults(func=_instances_add)
     lst = isub.add_parser("list", help="list instances (tokens are never shown)")
     lst.set_defaults(func=_instances_list)
+
+    leads = subparsers.add_parser("leads", help="list leads with the ids `whatrack followup schedule` takes",
+                                  description="Leads, newest first, one row per instance each talked through: the "
+                                              "organization, instance and lead ids a follow-up needs (DATABASE_URL).")
+    leads.add_argument("--organization-id", type=_positive, default=None, metavar="ID",
+                       help="only this organization's leads")
+    leads.add_argument("--limit", type=_positive, default=100, metavar="N", help="at most N rows (default 100)")
+    leads.set_defaults(func=_leads)
 
     db = subparsers.add_parser("db", help="database schema")
     dsub = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)

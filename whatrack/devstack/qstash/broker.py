@@ -33,6 +33,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from whatrack.demo import QSTASH_DEV_TOKEN
 from whatrack.devstack.qstash import admin as adm
 from whatrack.devstack.qstash import dlq as dlq
 from whatrack.devstack.qstash import routes as api
@@ -49,7 +50,7 @@ from whatrack.settings import Secret, mask_url
 log = logging.getLogger("whatrack.devstack.qstash.broker")
 
 #: The official QStash dev server's user 1 (docs qstash/howto/local-development.mdx): public test values.
-DEV_TOKEN = "eyJVc2VySUQiOiJkZWZhdWx0VXNlciIsIlBhc3N3b3JkIjoiZGVmYXVsdFBhc3N3b3JkIn0="  # noqa: S105
+DEV_TOKEN = QSTASH_DEV_TOKEN  # the one copy lives in whatrack.demo
 DEV_CURRENT_KEY = "sig_7kYjw48mhY7kAjqNGcy6cr29RJ6r"
 DEV_NEXT_KEY = "sig_5ZB6DVzB1wjE8S6rZ7eenA8Pdnhs"
 _KEY_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
