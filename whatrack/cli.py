@@ -26,7 +26,7 @@ COMMANDS = {
     "run": "whatrack.runs.cli", "report": "whatrack.runs.cli", "lab": "whatrack.runs.cli",
     "stack": "whatrack.devstack.cli",
     "serve": "whatrack.webhook.cli",
-    "instances": "whatrack.store.cli", "db": "whatrack.store.cli",
+    "instances": "whatrack.store.cli", "db": "whatrack.store.cli", "leads": "whatrack.store.cli",
     "normalize": "whatrack.uazapi.cli",
     "worker": "whatrack.followups.cli", "followup": "whatrack.followups.cli",
     "migrate": "whatrack.migration.cli",
