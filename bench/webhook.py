@@ -199,6 +199,22 @@ def open_loop(kind: str, port: int, rate: float, seconds: float, tmp: Path) -> N
           f"p99 {pct(lat, 0.99):.1f} ms  max {lat[-1] * 1e3:.1f} ms  non-200 {n - ok}")
 
 
+def drain_outbox(db_url: str, timeout: float = 300.0) -> float:
+    """Seconds until every stored message is published to Centrifugo (the outbox is empty)."""
+    import time
+
+    import psycopg
+
+    t0 = time.monotonic()
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        while time.monotonic() - t0 < timeout:
+            row = conn.execute("SELECT count(*) FROM message WHERE published_at IS NULL").fetchone()
+            if row is not None and row[0] == 0:
+                break
+            time.sleep(0.2)
+    return time.monotonic() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("-n", type=int, default=5000)
@@ -247,8 +263,11 @@ def main() -> None:
                 ports[kind] = (proc, port)
                 results[kind] = measure(kind, port, proc, a.n, a.concurrency, tmp)
             rate = a.open_rate or results["full"]["rate"] / 2
+            drained = drain_outbox(db_url)  # the saturated run's publications must not load the latency run
+            print(f"full: outbox drained in {drained:.1f} s after the saturated run")
             for kind in ("bare", "full"):
                 open_loop(kind, ports[kind][1], rate, a.open_seconds, tmp)
+            print(f"full: outbox drained in {drain_outbox(db_url):.1f} s after the open-loop run")
         ratio = results["full"]["rate"] / results["bare"]["rate"]
         print(f"ratio full/bare: {ratio:.2f}  (goal >= 0.5; CPU per message full/bare "
               f"{results['full']['cpu_ms'] / results['bare']['cpu_ms']:.1f}x; {os.cpu_count()} cores: server on CPU "
