@@ -54,7 +54,7 @@ async def require_endpoint(url: str | None, *, timeout: float = PREFLIGHT_TIMEOU
 
 
 def bundled_fixtures() -> list[Path]:
-    """The UAZAPI fixtures shipped with the package (copies of ../shared/fixtures/uazapi)."""
+    """The UAZAPI fixtures shipped with the package (webhook bodies shaped like real captures)."""
     root = resources.files("whatrack") / "fixtures" / "uazapi"
     return sorted(Path(str(p)) for p in root.iterdir() if p.name.endswith(".json"))
 
