@@ -13,7 +13,6 @@ import os
 import re
 import select
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import nbformat
 import pytest
 
 from whatrack import logs
+from whatrack.devstack.servers import free_port
 from whatrack.errors import RunError
 from whatrack.runs import cli as runs_cli
 from whatrack.runs import compare as runs_compare
@@ -394,15 +394,9 @@ def test_report_compare_of_a_directory_without_run_json_is_a_clear_error(tmp_pat
 # -- whatrack lab --------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def _lab(nb_dir: Path, tmp: Path) -> Iterator[tuple[str, str]]:
-    port, token = _free_port(), "lab-test-token-0123456789"
+    port, token = free_port(), "lab-test-token-0123456789"
     cmd = runs.lab_command(nb_dir, tmp / "settings", no_browser=True)
     env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp / "rt"), "JUPYTER_DATA_DIR": str(tmp / "data"),
            "JUPYTERLAB_SETTINGS_DIR": str(tmp / "user-settings"), "JUPYTERLAB_WORKSPACES_DIR": str(tmp / "ws")}

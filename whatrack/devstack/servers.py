@@ -22,6 +22,7 @@ import importlib.util
 import logging
 import os
 import platform
+import random
 import re
 import shutil
 import socket
@@ -47,9 +48,32 @@ Role = Literal["legacy", "upstash"]
 REDIS_SERVER_ENV = "WHATRACK_REDIS_SERVER"
 
 
+#: Where :func:`free_port` looks: below the kernel's ephemeral range (Linux: 32768-60999), which every outgoing
+#: connection draws from. A port the kernel hands out for ``bind(0)`` lies in that range, and another process's
+#: client socket could take it before our child binds it (seen: a stand-in failing with "address already in use"
+#: while three test workers made connections).
+_PORTS = (20000, 32000)
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    with contextlib.suppress(OSError, ValueError):
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago on ``host``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A TCP port that was free a moment ago on ``host``, outside the ephemeral range where the machine has room."""
+    low, high = _ephemeral_range()
+    candidates = [port for port in range(*_PORTS) if not low <= port <= high]
+    for port in random.sample(candidates, min(50, len(candidates))):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # no room below the ephemeral range
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
