@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
 
 import nbformat
 import pytest
+from runs_support import cli, write_nb
 
 from whatrack.devstack.stack import Stack
 from whatrack.errors import RunError
-from whatrack.runs import cli as runs_cli
 from whatrack.runs import execute as runs
 from whatrack.runs import params as runs_params
 from whatrack.runs import scan as runs_scan
@@ -21,30 +20,6 @@ from whatrack.settings import Settings
 
 #: Loggers ``whatrack.logs.configure`` turns down.
 QUIETED = ("httpx", "httpcore", "asyncio", "aiosqlite", "urllib3", "alembic")
-
-PARAMS = "sample_size: int = 3  # messages\nlabel: str = 'x'  # a label\nratio: float = 0.5  # a ratio\n" \
-         "dry_run: bool = True  # copy nothing"
-
-
-def write_nb(path: Path, *cells: str, params: str = PARAMS, title: str = "Tiny phase") -> Path:
-    """A notebook: a markdown title, a tagged parameters cell, then the code cells given."""
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    p = nbformat.v4.new_code_cell(params)
-    p.metadata["tags"] = ["parameters"]
-    nb.cells = [nbformat.v4.new_markdown_cell(f"# {title}\nWhat it does."), p,
-                *(nbformat.v4.new_code_cell(c) for c in cells)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, path)
-    return path
-
-
-def cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="whatrack")
-    runs_cli.add_commands(parser.add_subparsers())
-    args = parser.parse_args(argv)
-    return int(args.func(args))
-
 
 # -- parameters ----------------------------------------------------------------------------------------------------
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import html.parser
@@ -23,37 +22,22 @@ from typing import Any
 import httpx
 import nbformat
 import pytest
+import runs_support
+from runs_support import cli
 
 from whatrack import logs
 from whatrack.devstack.servers import free_port
 from whatrack.errors import RunError
-from whatrack.runs import cli as runs_cli
 from whatrack.runs import compare as runs_compare
 from whatrack.runs import execute as runs
 from whatrack.runs import report as runs_report
 
-STDERR_MIME = "application/vnd.jupyter.stderr"
-
 
 def write_nb(path: Path, *cells: str, title: str = "Tiny phase") -> Path:
-    """A phase notebook: a markdown title, a tagged parameters cell, then the cells given (``md:`` ones markdown)."""
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    p = nbformat.v4.new_code_cell("size: int = 3  # a size")
-    p.metadata["tags"] = ["parameters"]
-    nb.cells = [nbformat.v4.new_markdown_cell(f"# {title}\nWhat it does."), p,
-                *(nbformat.v4.new_markdown_cell(c[3:]) if c.startswith("md:") else nbformat.v4.new_code_cell(c)
-                  for c in cells)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, path)
-    return path
+    """A phase notebook whose one parameter is ``size`` (3)."""
+    return runs_support.write_nb(path, *cells, params="size: int = 3  # a size", title=title)
 
-
-def cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="whatrack")
-    runs_cli.add_commands(parser.add_subparsers())
-    args = parser.parse_args(argv)
-    return int(args.func(args))
+STDERR_MIME = "application/vnd.jupyter.stderr"
 
 
 class _Loads(html.parser.HTMLParser):
