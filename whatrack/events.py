@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
+from whatrack.times import iso
+
 Direction = Literal["inbound", "outbound"]
 
 #: Message types after normalization (``MessageEvent.type``).
@@ -90,7 +92,7 @@ class MessageEvent:
         d.pop("source")
         d["event"] = "message"
         d["instance_name"] = self.source.instance_name
-        d["sent_at"] = self.sent_at.isoformat().replace("+00:00", "Z")
+        d["sent_at"] = iso(self.sent_at, "auto")
         return d
 
 
@@ -107,7 +109,7 @@ class ReceiptEvent:
     def to_json(self) -> dict[str, Any]:
         return {"event": "receipt", "instance_name": self.source.instance_name,
                 "external_ids": list(self.external_ids), "status": self.status,
-                "at": self.at.isoformat().replace("+00:00", "Z") if self.at else None, "chat_jid": self.chat_jid}
+                "at": iso(self.at, "auto") if self.at else None, "chat_jid": self.chat_jid}
 
 
 @dataclass(frozen=True)

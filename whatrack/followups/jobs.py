@@ -60,6 +60,7 @@ from whatrack.followups.constants import (
     STALLED_INTERVAL_MS,
     sent_key,
 )
+from whatrack.times import iso
 
 log = logging.getLogger("whatrack.followups.jobs")
 
@@ -80,8 +81,7 @@ _JOB_ID_RE = re.compile(r"^(?!\d+$)[A-Za-z0-9_.@-]{1,200}$")
 
 def to_iso(dt: datetime) -> str:
     """ISO 8601 in UTC with milliseconds and ``Z``: what JavaScript's ``Date.toISOString()`` writes."""
-    u = dt.astimezone(UTC)
-    return u.strftime("%Y-%m-%dT%H:%M:%S.") + f"{u.microsecond // 1000:03d}Z"
+    return iso(dt)
 
 
 def _ms_utc(dt: datetime) -> datetime:

@@ -80,6 +80,7 @@ from whatrack.followups.monitor import (
 )
 from whatrack.metrics import Metrics
 from whatrack.settings import Settings, mask_url
+from whatrack.times import iso
 
 log = logging.getLogger("whatrack.followups.worker")
 
@@ -257,7 +258,7 @@ async def process_followup(ctx: WorkerContext, job: Job) -> dict[str, Any]:
         record = await _find_echo(ctx, inst, job_id, wait=False)
     if record is None and await ctx.store.lead_replied_since(fu.lead_id, fu.scheduled_at):
         log.info("follow-up %s skipped: lead %s replied since %s (%.0f ms)", job_id, fu.lead_id,
-                 fu.scheduled_at.isoformat(), (time.monotonic() - t0) * 1000)
+                 iso(fu.scheduled_at), (time.monotonic() - t0) * 1000)
         return {"status": "skipped", "reason": "lead replied"}
     if record is None and unsure:
         record = await _find_echo(ctx, inst, job_id, wait=True)

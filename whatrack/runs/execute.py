@@ -56,6 +56,7 @@ from whatrack.runs import scan as runs_scan
 from whatrack.runs.defaults import DEFAULT_CELL_TIMEOUT, DEFAULT_TIME_SCALE
 from whatrack.runs.record import PHASE_MARKER, RESULTS_FILE, check, criterion, load_results, phase_dir, record
 from whatrack.settings import SECRET_ENV_NAMES, Secret, Settings, url_password
+from whatrack.times import now_iso
 
 __all__ = ["PHASE_MARKER", "RESULTS_FILE", "RunOutcome", "check", "choose", "criterion", "discover",
            "execute", "lab_command", "load_results", "phase_dir", "record", "rerender", "run_environment",
@@ -222,7 +223,7 @@ def lab_command(nb_dir: Path, settings_dir: Path, *, no_browser: bool = False) -
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    return now_iso()
 
 
 def new_run_dir(runs_dir: Path) -> Path:

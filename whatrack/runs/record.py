@@ -11,9 +11,10 @@ import dataclasses
 import json
 import logging
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from whatrack.times import now_iso
 
 log = logging.getLogger("whatrack.runs.record")
 
@@ -23,7 +24,7 @@ RESULTS_FILE = "results.json"
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    return now_iso()
 
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from whatrack.errors import PayloadError
 from whatrack.events import MESSAGE_TYPES, STATUS_ORDER, MessageEvent
+from whatrack.times import iso
 
 #: Column widths (``models``), checked before writing so that PostgreSQL and SQLite refuse the same input and a
 #: too-long value is a clear, non-retryable error instead of a database error that QStash would retry forever.
@@ -34,7 +35,7 @@ def token_hash(token: str) -> str:
 
 def iso_z(t: datetime) -> str:
     """ISO 8601 in UTC with a ``Z``, as the realtime payload carries it."""
-    return t.isoformat().replace("+00:00", "Z")
+    return iso(t, "auto")
 
 
 def check_length(field: str, value: str | None) -> None:
