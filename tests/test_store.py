@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -583,3 +584,48 @@ async def test_a_number_postgres_cannot_hold_is_a_payload_error(store: Store, in
     with pytest.raises(PayloadError, match="unstorable_value"):
         await store.save_message(inst, message("HUGE", type="image", media=Media(size_bytes=2**70)))
     assert (await store.counts())["message"] == 0
+
+
+# -- the write's plans ----------------------------------------------------------------------------------------------
+
+_SCANS = "SELECT relname, seq_scan, idx_scan FROM pg_stat_user_tables WHERE relname IN ('message', 'lead')"
+
+
+async def _scans(url: str) -> dict[str, tuple[int, int]]:
+    import asyncpg
+
+    from whatrack.store.write import asyncpg_dsn
+
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        return {r["relname"]: (r["seq_scan"], r["idx_scan"] or 0) for r in await conn.fetch(_SCANS)}
+    finally:
+        await conn.close()
+
+
+async def test_the_write_finds_rows_by_index_on_a_database_without_statistics(make_migrated_database: Any) -> None:
+    """PL/pgSQL keeps each statement's generic plan for the connection's life. On a new database (no ANALYZE yet) the
+    plan for ``provider OR external id`` (and ``JID OR phone``) was a sequential scan, kept as the table grew: every
+    webhook read the whole message table. Each lookup is now an equality on one unique key (migration 0004)."""
+    url = make_migrated_database()
+    first = Store.from_url(url)
+    inst = await first.register_instance("acme", "inst-a", TOKEN, owner=OWNER)
+    for i in range(5):
+        await first.save_message(inst, message(f"WARM{i:04d}", lead_phone=f"55119{i:08d}",
+                                               lead_jid=f"55119{i:08d}@s.whatsapp.net"))
+    await first.aclose()  # its backends exit: their table counters reach the statistics
+    before = await _scans(url)
+
+    store = Store.from_url(url)  # new connections: plans made now, on a table without statistics
+    for i in range(40):
+        phone = f"55119{i % 8:08d}"
+        assert (await store.save_message(inst, message(f"MSG{i:05d}", lead_phone=phone,
+                                                       lead_jid=f"{phone}@s.whatsapp.net"))).created
+    await store.aclose()
+    for _ in range(50):  # the exiting backends' counters land within moments
+        after = await _scans(url)
+        if after["message"][1] - before["message"][1] >= 40:
+            break
+        await asyncio.sleep(0.05)
+    assert after["message"][1] - before["message"][1] >= 40, (before, after)  # the writes were counted
+    assert {t: after[t][0] - before[t][0] for t in ("message", "lead")} == {"message": 0, "lead": 0}

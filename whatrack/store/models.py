@@ -166,9 +166,13 @@ class Message(Base):
         UniqueConstraint("instance_id", "external_id"),
         Index("ix_message_conversation_id_sent_at", "conversation_id", "sent_at"),
         Index("ix_message_lead_id_direction_sent_at", "lead_id", "direction", "sent_at"),
-        Index("ix_message_instance_id_edit_of", "instance_id", "edit_of"),
+        # Partial (migration 0004): only edits and the worker's sends have these, and a full index leading with
+        # instance_id could be taken for the unique key's lookups on a table without statistics.
+        Index("ix_message_instance_id_edit_of", "instance_id", "edit_of", postgresql_where=text("edit_of IS NOT NULL"),
+              sqlite_where=text("edit_of IS NOT NULL")),
         # The follow-up worker's echo lookup (Store.find_outbound_by_track): did a send of this job reach UAZAPI?
-        Index("ix_message_instance_id_track_id", "instance_id", "track_id"),
+        Index("ix_message_instance_id_track_id", "instance_id", "track_id",
+              postgresql_where=text("track_id IS NOT NULL"), sqlite_where=text("track_id IS NOT NULL")),
         # The realtime outbox: rows not yet published to Centrifugo (``webhook.publisher`` claims them by id).
         Index("ix_message_unpublished", "id", postgresql_where=text("published_at IS NULL"),
               sqlite_where=text("published_at IS NULL")),
