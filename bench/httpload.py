@@ -83,9 +83,8 @@ class _Conn(asyncio.Protocol):
         self.runner.done(self, status, time.perf_counter() - self.due)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.busy:
-            self.busy = False
-            self.runner.failed(self)
+        self.runner.lost(self, was_busy=self.busy)
+        self.busy = False
 
 
 class _Runner:
@@ -119,10 +118,32 @@ class _Runner:
         self._account()
         self._give(conn)
 
-    def failed(self, conn: _Conn) -> None:
-        self.results.errors += 1
+    def lost(self, conn: _Conn, *, was_busy: bool) -> None:
+        """A connection closed (the server's keep-alive timeout, or a failure): never send on it again; a request in
+        flight on it is an error; requests waiting for a connection get a new one."""
         self.open -= 1
-        self._account()
+        if conn in self.idle:
+            self.idle.remove(conn)
+        if was_busy:
+            self.results.errors += 1
+            self._account()
+        if self.waiting and self.open < self.connections and not self.finished.done():
+            self.open += 1
+            asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        """A new connection for a waiting open-loop request (``open`` already counts it)."""
+        self.open -= 1
+        try:
+            conn = await self.connect()
+        except OSError:
+            while self.waiting:  # nothing answers any more: each waiting request is an error
+                self.waiting.pop(0)
+                self.next += 1
+                self.results.errors += 1
+                self._account()
+            return
+        self._give(conn)
 
     def _give(self, conn: _Conn) -> None:
         """A connection is free: closed loop sends at once; open loop sends a waiting request or parks it."""
@@ -163,7 +184,15 @@ class _Runner:
                     self._send(conn, due)
                 else:
                     self.waiting.append(due)
-        await self.finished
+        # Never wait forever: what is unanswered a minute after the last request was due (open loop), or ten
+        # minutes after the start (closed loop), is counted as errors.
+        patience = 60.0 if self.rate else 600.0
+        try:
+            await asyncio.wait_for(asyncio.shield(self.finished), timeout=patience)
+        except TimeoutError:
+            self.results.errors += len(self.requests) - self.answered
+            print(f"httpload: {len(self.requests) - self.answered} request(s) unanswered after {patience:.0f} s: "
+                  "counted as errors", file=sys.stderr)
         self.results.elapsed = time.perf_counter() - t0
         self.results.cpu_s = time.process_time() - cpu0
         del loop

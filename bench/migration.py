@@ -105,4 +105,10 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from whatrack.cli import stop_on_sigterm
+
+    stop_on_sigterm()  # SIGTERM (timeout, CI) runs the clean-up as Ctrl-C does: no server left behind
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit("interrupted: servers stopped")

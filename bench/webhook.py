@@ -293,4 +293,10 @@ def _pin_postgres(url: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from whatrack.cli import stop_on_sigterm
+
+    stop_on_sigterm()  # SIGTERM (timeout, CI) runs the clean-up as Ctrl-C does: no server left behind
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted: servers stopped")
