@@ -168,3 +168,60 @@ def test_a_phase_that_did_not_run_leaves_its_criteria_without_evidence() -> None
     del res["30_validation"]
     rows = acceptance.judge(res)
     assert verdicts(rows) == ["pass", "pass", "pass", "no evidence", "no evidence", "no evidence", "no evidence"]
+
+
+# -- cloud mode: cloud-safe faults, the offline-only ones named with the offline run that proved them ---------------
+
+def _phase30(run_dir: Path, recorded: str, faults: list[dict[str, Any]], *, mode: str | None,
+             run_json_mode: str | None = None) -> None:
+    (run_dir / "30_validation").mkdir(parents=True)
+    res = {"phase": "30_validation", "recorded": recorded, "faults": faults} | ({"mode": mode} if mode else {})
+    (run_dir / "30_validation" / "results.json").write_text(json.dumps(res), encoding="utf-8")
+    if run_json_mode:
+        (run_dir / "run.json").write_text(json.dumps({"mode": run_json_mode}), encoding="utf-8")
+
+
+def _row(name: str, passed: bool = True) -> dict[str, Any]:
+    return {"scenario": name, "passed": passed, "messages": 30, "ok": 30, "lost": 0 if passed else 2,
+            "duplicated": 0, "recovered": 0}
+
+
+def test_offline_proofs_pick_the_newest_offline_run_where_the_scenario_passed(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    _phase30(runs / "r1-old", "2026-12-01T10:00:00+00:00", [_row("postgres_outage"), _row("db_latency")],
+             mode=None, run_json_mode="offline")  # a record before phase 30 wrote its mode: run.json's
+    _phase30(runs / "r2-new", "2026-12-02T10:00:00+00:00", [_row("postgres_outage"), _row("db_latency", False)],
+             mode="offline")
+    _phase30(runs / "r3-cloud", "2026-12-03T10:00:00+00:00", [_row("db_latency")], mode="cloud")
+    _phase30(runs / "r4-unknown", "2026-12-04T10:00:00+00:00", [_row("db_latency")], mode=None)
+    (runs / "r5-broken" / "30_validation").mkdir(parents=True)
+    (runs / "r5-broken" / "30_validation" / "results.json").write_text("{not json", encoding="utf-8")
+
+    got = acceptance.offline_proofs(["postgres_outage", "db_latency", "broker_sigkill"], runs)
+    assert got["postgres_outage"] is not None and got["postgres_outage"]["run"] == "r2-new"
+    assert got["db_latency"] is not None and got["db_latency"]["run"] == "r1-old"  # r2 failed it; r3 is cloud
+    assert got["broker_sigkill"] is None
+
+    rows = {r["scenario"]: r for r in acceptance.offline_only_rows(
+        [("db_latency", "slow link"), ("broker_sigkill", "broker killed")], runs)}
+    assert rows["db_latency"]["status"] == "offline only" and rows["db_latency"]["proved_by"] == "r1-old"
+    assert rows["db_latency"]["evidence"].startswith("proved offline in run r1-old (recorded 2026-12-01T10:00:00")
+    assert rows["broker_sigkill"]["proved_by"] is None
+    assert rows["broker_sigkill"]["evidence"] == "not yet proved offline: run `whatrack run 30` offline"
+
+
+def test_criterion_7_passes_in_cloud_on_the_cloud_safe_faults_and_names_the_offline_only_ones() -> None:
+    res = good_results()
+    res["30_validation"]["faults"] = [_row("endpoint_sigkill"), _row("endpoint_5xx"), _row("duplicate_delivery")]
+    res["30_validation"]["faults_offline_only"] = [
+        {"scenario": "postgres_outage", "status": "offline only", "proved_by": "r2-new",
+         "evidence": "proved offline in run r2-new"},
+        {"scenario": "broker_sigkill", "status": "offline only", "proved_by": None,
+         "evidence": acceptance.NOT_PROVED}]
+    del res["40_rollback"]  # cloud: the rollback stayed a dry run
+    row = acceptance.judge(res)[6]
+    assert row["verdict"] == "pass"
+    assert "duplicate_delivery: 30 ok, 0 recovered, 0 lost, 0 duplicated" in row["evidence"]
+    assert "postgres_outage (proved offline in run r2-new)" in row["evidence"]
+    assert "broker_sigkill (not yet proved offline" in row["evidence"]
+    assert row["figures"]["offline_only"] == {"postgres_outage": "r2-new", "broker_sigkill": None}

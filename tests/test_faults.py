@@ -1,5 +1,6 @@
-"""The fault matrix: the scenario table as data, the HTTP front that injects 503s and duplicate deliveries, and the
-whole matrix run small on the offline stack (every scenario must end with nothing lost and nothing duplicated)."""
+"""The fault matrix: the scenario table as data, which scenarios may run in cloud mode (the plan, the refusals), the
+HTTP front that injects 503s and duplicate deliveries, and the whole matrix run small on the offline stack (every
+scenario must end with nothing lost and nothing duplicated)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from whatrack.cli import main
+from whatrack.errors import ConfigError
+from whatrack.proof import faults
 from whatrack.proof.faults import SCENARIOS, MatrixConfig, Scenario, ScenarioResult, table
 from whatrack.proof.front import Front
 from whatrack.proof.ledger import Observations, Sent, StoredRow, classify
@@ -28,10 +32,78 @@ def test_the_matrix_covers_every_required_fault() -> None:
                           "db_resets", "db_latency", "duplicate_delivery", "endpoint_5xx", "worker_sigkill"}
     for s in SCENARIOS:
         assert s.description
-        assert s.name == "baseline" or (s.inject is not None) + (s.front is not None) + s.followups == 1
+        kinds = (s.inject is not None) + (s.front is not None) + s.followups + (s.copies > 1)
+        assert s.name == "baseline" or kinds == 1
         assert 0.0 <= s.at < 1.0
     assert next(s for s in SCENARIOS if s.name == "endpoint_5xx").front.fail_ratio == 0.05  # type: ignore[union-attr]
     assert MatrixConfig().n <= 200 and MatrixConfig().outage_s <= 5  # CI small by default
+
+
+CLOUD_SAFE = {"baseline", "endpoint_sigkill", "endpoint_5xx", "duplicate_delivery"}
+
+
+def test_only_what_the_operator_runs_is_cloud_safe() -> None:
+    assert {s.name for s in faults.cloud_safe()} == CLOUD_SAFE
+    assert {s.name for s in faults.offline_only()} == {s.name for s in SCENARIOS} - CLOUD_SAFE
+    # a cloud-safe scenario injects through the endpoint it runs, a front on its port, or its own publishes
+    assert all(s.inject in (None, faults.kill_endpoint) and not s.followups for s in faults.cloud_safe())
+    assert next(s for s in SCENARIOS if s.name == "duplicate_delivery").copies == 2
+
+
+def test_the_plan_offline_runs_what_is_named() -> None:
+    plan = faults.plan(faults.OFFLINE_DEFAULT, mode="offline")
+    assert [s.name for s in plan.run] == ["endpoint_sigkill", "postgres_outage"] and plan.offline_only == ()
+    assert faults.plan("", mode="offline").run == ()
+    with pytest.raises(ConfigError, match=r"unknown fault scenario.*'nope'.*known: baseline"):
+        faults.plan("baseline,nope", mode="offline")
+
+
+def test_the_plan_in_cloud_runs_the_cloud_safe_ones_and_lists_every_other() -> None:
+    default = faults.plan(faults.OFFLINE_DEFAULT, mode="cloud")
+    assert [s.name for s in default.run] == list(faults.CLOUD_DEFAULT)
+    assert {s.name for s in default.offline_only} == {s.name for s in SCENARIOS} - CLOUD_SAFE
+    assert "postgres_outage" in default.note and "offline only" in default.note
+    assert [s.name for s in faults.plan(" duplicate_delivery , baseline", mode="cloud").run] == [
+        "duplicate_delivery", "baseline"]
+    assert faults.plan("", mode="cloud").run == ()
+
+
+@pytest.mark.parametrize("asked", ["postgres_outage", "endpoint_sigkill,db_latency", "worker_sigkill"])
+def test_an_offline_only_scenario_is_refused_in_cloud_naming_the_cloud_safe_ones(asked: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        faults.plan(asked, mode="cloud")
+    offline_one = asked.split(",")[-1]
+    assert e.value.variable == "faults"
+    assert f"{offline_one} is offline only" in str(e.value)
+    assert "cloud-safe scenarios run: baseline, endpoint_sigkill, duplicate_delivery, endpoint_5xx" in str(e.value)
+
+
+async def test_run_scenario_refuses_an_offline_only_scenario_in_cloud_mode() -> None:
+    env = {"WHATRACK_MODE": "cloud", "WEBHOOK_PUBLIC_URL": "http://127.0.0.1:9/api/v1/webhooks/qstash/whatsapp"}
+    scn = next(s for s in SCENARIOS if s.name == "db_resets")
+    res = await faults.run_scenario(scn, env, None, MatrixConfig(n=5), 0)
+    assert not res.passed and res.load is None and "db_resets is offline only" in (res.error or "")
+    with pytest.raises(ConfigError, match="broker_sigkill is offline only"):
+        faults.run_matrix([next(s for s in SCENARIOS if s.name == "broker_sigkill")], env=env)
+    with pytest.raises(ConfigError, match="WHATRACK_MODE"):
+        faults.run_matrix([], env={"WHATRACK_MODE": "offline"})
+
+
+def test_whatrack_faults_in_cloud_refuses_an_offline_only_scenario(monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("WHATRACK_MODE", "cloud")
+    assert main(["faults", "--only", "endpoint_sigkill,centrifugo_outage"]) == 2
+    err = capsys.readouterr().err
+    assert "--only: fault scenario centrifugo_outage is offline only" in err
+    assert "cloud-safe scenarios run: baseline, endpoint_sigkill, duplicate_delivery, endpoint_5xx" in err
+    assert not Path("runs/.faults-stack").exists()  # no offline stack was brought up
+
+
+def test_the_notebooks_faults_default_is_the_offline_default() -> None:
+    from whatrack.runs.params import declared
+
+    nb = Path(__file__).resolve().parent.parent / "notebooks" / "30_validation.ipynb"
+    assert declared(nb)["faults"].default.strip("\"'") == faults.OFFLINE_DEFAULT
 
 
 def _result(lost: int = 0, dup: int = 0) -> LoadResult:
@@ -118,7 +190,8 @@ def test_the_fault_matrix_small_loses_and_duplicates_nothing(tmp_path: Path) -> 
         assert row["lost"] == 0 and row["duplicated"] == 0 and row["unexpected"] == 0, row
         if name != "baseline":
             assert row["notes"], f"{name}: the fault left no trace of having been injected"
-    assert "delivered twice" in rows["duplicate_delivery"]["notes"]
+    twice = "every webhook published 2 times: 80 QStash messages for 40 webhooks, 80 of them delivered"
+    assert twice in rows["duplicate_delivery"]["notes"]
     worker = rows["worker_sigkill"]
     assert worker["jobs_completed"] == 12 and worker["jobs_sent"] == 12
     assert worker["redis_cmds"] > 12  # BullMQ: several commands per job

@@ -16,7 +16,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from whatrack.errors import ConfigError
 from whatrack.proof.config import DEFAULT_CONCURRENCY, LoadConfig, MatrixConfig
 from whatrack.settings import Settings
 
@@ -82,17 +81,36 @@ def _add_loadtest(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 # -- whatrack faults ------------------------------------------------------------------------------------------------
 
+def _cloud_env() -> dict[str, str]:
+    """This process's environment with ``.env`` under it (the environment wins), as ``loadtest --serve`` passes."""
+    env = dict(os.environ)
+    env.update({k: v for k, v in _dotenv().items() if k not in env})
+    return env
+
+
 def _cmd_faults(args: argparse.Namespace) -> int:
-    from whatrack.proof.faults import SCENARIOS, run_matrix
+    from urllib.parse import urlsplit
+
+    from whatrack.proof.faults import SCENARIOS, cloud_safe, offline_only, run_matrix, select
 
     cfg = MatrixConfig(n=args.messages, outage_s=args.outage, workers=args.workers, time_scale=args.time_scale,
                        seed=args.seed, concurrency=args.concurrency, rate=args.rate, settle_timeout=args.settle_timeout,
                        followup_jobs=args.jobs, idle_s=args.idle, progress=False)
-    chosen = [s for s in SCENARIOS if not args.only or s.name in args.only]
-    unknown = set(args.only or ()) - {s.name for s in SCENARIOS}
-    if unknown:
-        raise ConfigError("--only", f"unknown scenario(s) {sorted(unknown)}", ",".join(s.name for s in SCENARIOS))
-    run = run_matrix(chosen, cfg, stack_dir=Path(args.stack_dir))
+    settings = Settings.from_env()
+    if settings.mode == "cloud":
+        # The configured services, no stack: the cloud-safe scenarios only (an offline-only --only is refused).
+        chosen = select(args.only, mode="cloud", what="--only") if args.only else cloud_safe()
+        settings.require("QSTASH_TOKEN", "WEBHOOK_PUBLIC_URL")
+        print(f"whatrack faults: cloud mode, no devstack: QStash at "
+              f"{urlsplit(settings.qstash_url).hostname}, endpoint run here for {settings.webhook_public_url}; "
+              f"scenarios {', '.join(s.name for s in chosen)} (offline only, not run: "
+              f"{', '.join(s.name for s in offline_only())})", flush=True)
+        run = run_matrix(chosen, cfg, env=_cloud_env())
+    else:
+        chosen = select(args.only, mode="offline", what="--only") if args.only else list(SCENARIOS)
+        print(f"whatrack faults: offline mode: its own devstack in {args.stack_dir} (brought up and down here); "
+              f"scenarios {', '.join(s.name for s in chosen)}", flush=True)
+        run = run_matrix(chosen, cfg, stack_dir=Path(args.stack_dir))
     rows = run.rows()
     cols = ["scenario", "passed", "messages", "ok", "lost", "duplicated", "unexpected", "recovered", "unknown",
             "undelivered", "retries", "dlq", "stored_per_s", "commit_p99_ms", "seconds"]
@@ -111,8 +129,13 @@ def _cmd_faults(args: argparse.Namespace) -> int:
     return 0 if run.passed else 1
 
 
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
 def _add_faults(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("faults", help="run the fault matrix under load and reconcile every message")
+    p = sub.add_parser("faults", help="run the fault matrix under load and reconcile every message (offline: on its "
+                       "own devstack; WHATRACK_MODE=cloud: the cloud-safe scenarios against the configured services)")
     p.add_argument("-n", "--messages", type=int, default=MatrixConfig.n, help="messages per scenario")
     p.add_argument("--outage", type=float, default=MatrixConfig.outage_s, help="seconds each outage lasts")
     p.add_argument("--workers", type=int, default=MatrixConfig.workers, help="uvicorn worker processes")
@@ -123,7 +146,8 @@ def _add_faults(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--settle-timeout", type=float, default=MatrixConfig.settle_timeout)
     p.add_argument("--jobs", type=int, default=MatrixConfig.followup_jobs, help="follow-up jobs (worker row)")
     p.add_argument("--idle", type=float, default=MatrixConfig.idle_s, help="idle window for the Redis rate (s)")
-    p.add_argument("--only", type=lambda v: v.split(","), default=None, help="comma-separated scenario names")
+    p.add_argument("--only", type=_names, default=None,
+                   help="comma-separated scenario names (cloud mode: cloud-safe ones only)")
     p.add_argument("--stack-dir", default="runs/.faults-stack")
     p.add_argument("--webhooks-per-day", type=float, default=20_000.0, help="for the cost projection")
     p.add_argument("--followups-per-day", type=float, default=2_000.0, help="for the cost projection")

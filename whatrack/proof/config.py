@@ -28,6 +28,7 @@ class LoadConfig:
     replay_dlq: bool = True  # republish the DLQ once everything settled, then check again
     progress: bool = True
     organization: str | None = None  # default: "whatrack loadtest <seed>"
+    copies: int = 1  # QStash messages per webhook, same body (2: every webhook delivered twice, at least once)
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,21 @@
 """The fault matrix: each scenario is one row (data), run while the load is flowing, with its own ledger verdict.
 
 A scenario names a fault and when to inject it (a share of the publishing done); :func:`run_matrix` brings up the
-offline stack once, and for each scenario starts the endpoint (``--workers K`` processes), publishes a fresh batch of
-generated webhooks, injects the fault, waits for everything to settle, replays the DLQ, and reconciles (the loss
-ledger). A new scenario is a few lines: a :class:`Scenario` with an ``inject`` coroutine, or a ``front`` setting.
+offline stack once (or, in cloud mode, uses the configured services), and for each scenario starts the endpoint
+(``--workers K`` processes) on ``WEBHOOK_PUBLIC_URL``'s port, publishes a fresh batch of generated webhooks, injects
+the fault, waits for everything to settle, replays the DLQ, and reconciles (the loss ledger). A new scenario is a few
+lines: a :class:`Scenario` with an ``inject`` coroutine, a ``front`` setting, or ``copies``.
 
 Faults: the endpoint SIGKILLed and restarted; PostgreSQL or Centrifugo unreachable for N seconds (fault proxy
 outage); the QStash broker SIGKILLed and restarted; connection resets and added latency on the database link; every
-delivery made twice; 5 % of deliveries answered 503 (an HTTP front on the public port, no product change); the
-follow-up worker SIGKILLed with jobs active (:mod:`whatrack.proof.worker_faults`).
+webhook published twice (two QStash messages, one body: each delivered twice); 5 % of deliveries answered 503 (an
+HTTP front on the public port, no product change); the follow-up worker SIGKILLed with jobs active
+(:mod:`whatrack.proof.worker_faults`).
+
+Cloud mode: a scenario is ``cloud_safe`` when it touches only what the operator runs here (its own endpoint process,
+a front on its own public port, its own publishes), so it runs against the real QStash too; the others break a
+service (PostgreSQL, Centrifugo, the broker, the follow-up queue) through the devstack's fault proxies and processes,
+and are offline only: :func:`plan` lists them in cloud mode instead of running them, and :func:`select` refuses them.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +37,7 @@ from urllib.parse import urlsplit
 import psutil
 
 from whatrack.devstack.fault_proxy import FaultControl
-from whatrack.errors import StackError, WhatrackError
+from whatrack.errors import ConfigError, StackError, WhatrackError
 from whatrack.proof.config import LoadConfig
 from whatrack.proof.config import MatrixConfig as MatrixConfig  # re-exported
 from whatrack.proof.cost import CommandStats, Projection, command_total, delta, project
@@ -45,7 +52,7 @@ class FaultContext:
     """What an injector may touch. ``notes`` collects what it did (shown in the matrix table)."""
 
     env: dict[str, str]
-    stack_dir: Path
+    stack_dir: Path | None  # the offline stack's directory (None in cloud mode)
     endpoint: EndpointProcess
     progress: Progress
     outage_s: float
@@ -81,6 +88,8 @@ class Scenario:
     at: float = 0.3  # inject once this share of the messages is published
     front: Front | None = None
     followups: bool = False  # the follow-up worker scenario (whatrack.proof.worker_faults)
+    copies: int = 1  # QStash messages per webhook (2: every webhook published twice, so delivered twice)
+    cloud_safe: bool = False  # touches only what the operator runs here: may run against the real QStash
 
 
 # -- injectors ----------------------------------------------------------------------------------------------------
@@ -119,6 +128,8 @@ async def db_latency(ctx: FaultContext) -> None:
 
 async def kill_broker(ctx: FaultContext) -> None:
     """SIGKILL the QStash broker's process group and start it again with the same command and environment."""
+    if ctx.stack_dir is None:
+        raise StackError("broker_sigkill needs the offline stack's directory (WHATRACK_STACK_DIR)")
     state = json.loads((ctx.stack_dir / "state.json").read_text())
     part = state["parts"].get("qstash") or {}
     pid = part.get("pid")
@@ -150,17 +161,103 @@ async def kill_broker(ctx: FaultContext) -> None:
 
 #: The matrix. Sizes and durations come from :class:`MatrixConfig`.
 SCENARIOS: tuple[Scenario, ...] = (
-    Scenario("baseline", "no fault: the reference row"),
-    Scenario("endpoint_sigkill", "endpoint processes SIGKILLed mid-load, restarted 1 s later", kill_endpoint),
+    Scenario("baseline", "no fault: the reference row", cloud_safe=True),
+    Scenario("endpoint_sigkill", "endpoint processes SIGKILLed mid-load, restarted 1 s later", kill_endpoint,
+             cloud_safe=True),
     Scenario("postgres_outage", "PostgreSQL unreachable for the outage duration", outage("postgres")),
     Scenario("centrifugo_outage", "Centrifugo unreachable for the outage duration", outage("centrifugo")),
     Scenario("broker_sigkill", "QStash broker SIGKILLed mid-load and restarted", kill_broker),
     Scenario("db_resets", "database connections reset (RST), new ones too, for half the outage", db_resets),
     Scenario("db_latency", "+50 ms each way on the database link", db_latency),
-    Scenario("duplicate_delivery", "every delivery made twice, concurrently", front=Front(duplicate=True)),
-    Scenario("endpoint_5xx", "5 % of deliveries answered 503 before the endpoint", front=Front(fail_ratio=0.05)),
+    Scenario("duplicate_delivery", "every webhook published twice to QStash (two messages, one body): each "
+             "delivered twice", copies=2, cloud_safe=True),
+    Scenario("endpoint_5xx", "5 % of deliveries answered 503 before the endpoint", front=Front(fail_ratio=0.05),
+             cloud_safe=True),
     Scenario("worker_sigkill", "follow-up worker SIGKILLed with jobs active, restarted", followups=True),
 )
+
+
+_BY_NAME: dict[str, Scenario] = {s.name: s for s in SCENARIOS}
+
+#: Phase 30's ``faults`` default (its parameters cell). Offline it runs these; in cloud mode, where postgres_outage
+#: cannot run, this default means :data:`CLOUD_DEFAULT`.
+OFFLINE_DEFAULT = "endpoint_sigkill,postgres_outage"
+#: What phase 30's default runs in cloud mode: every cloud-safe fault (the plain load before them is the baseline).
+CLOUD_DEFAULT: tuple[str, ...] = ("endpoint_sigkill", "endpoint_5xx", "duplicate_delivery")
+
+
+def cloud_safe() -> list[Scenario]:
+    """The scenarios that may run against the real services (cloud mode), in the matrix's order."""
+    return [s for s in SCENARIOS if s.cloud_safe]
+
+
+def offline_only() -> list[Scenario]:
+    """The scenarios that run on the offline stack only, in the matrix's order."""
+    return [s for s in SCENARIOS if not s.cloud_safe]
+
+
+def parse_names(text: str) -> list[str]:
+    """``"a, b,,c"`` → ``["a", "b", "c"]`` (the ``faults`` parameter, ``--only``)."""
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def offline_only_refusal(names: Iterable[str]) -> str | None:
+    """Why ``names`` cannot run in cloud mode (one sentence naming the offline-only ones and the cloud-safe ones),
+    or None when every known one of them is cloud-safe."""
+    bad = [n for n in names if n in _BY_NAME and not _BY_NAME[n].cloud_safe]
+    if not bad:
+        return None
+    verb = "is" if len(bad) == 1 else "are"
+    return (f"fault scenario {', '.join(bad)} {verb} offline only: such a scenario breaks a service (PostgreSQL, "
+            "Centrifugo, the broker, the follow-up queue) through the devstack's fault proxies and processes, which a "
+            f"cloud run does not own; in cloud mode only the cloud-safe scenarios run: "
+            f"{', '.join(s.name for s in cloud_safe())}. "
+            f"Run {', '.join(bad)} offline (`whatrack run 30` or `whatrack faults` without WHATRACK_MODE=cloud)")
+
+
+def select(names: Sequence[str], *, mode: str, what: str = "faults") -> list[Scenario]:
+    """The scenarios named, in the order given.
+
+    Raises:
+        ConfigError: (``variable`` is ``what``) a name is unknown, or names an offline-only scenario in cloud mode.
+    """
+    unknown = [n for n in names if n not in _BY_NAME]
+    if unknown:
+        raise ConfigError(what, f"unknown fault scenario(s) {unknown}; known: {', '.join(_BY_NAME)}")
+    refusal = offline_only_refusal(names) if mode == "cloud" else None
+    if refusal:
+        raise ConfigError(what, refusal)
+    return [_BY_NAME[n] for n in names]
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    """What phase 30 runs (``run``) and, in cloud mode, what it lists as offline only (``offline_only``)."""
+
+    run: tuple[Scenario, ...]
+    offline_only: tuple[Scenario, ...]
+    note: str
+
+
+def plan(faults: str, *, mode: str) -> FaultPlan:
+    """Phase 30's fault plan from its ``faults`` parameter: offline, the scenarios named; in cloud mode the cloud-safe
+    ones named (the default, :data:`OFFLINE_DEFAULT`, means :data:`CLOUD_DEFAULT` there), and every offline-only
+    scenario listed, never silently skipped.
+
+    Raises:
+        ConfigError: an unknown name, or an offline-only one named in cloud mode (:func:`offline_only_refusal`).
+    """
+    names = parse_names(faults)
+    if mode != "cloud":
+        chosen = select(names, mode=mode)
+        return FaultPlan(tuple(chosen), (), f"offline: {', '.join(names) or 'no fault scenario'} on the devstack")
+    default = names == parse_names(OFFLINE_DEFAULT)
+    chosen = select(list(CLOUD_DEFAULT) if default else names, mode=mode)
+    listed = tuple(offline_only())
+    note = (f"cloud mode: {', '.join(s.name for s in chosen) or 'no fault scenario'} against the configured services"
+            + (" (the default's cloud-safe scenarios)" if default else "")
+            + f"; offline only, not run here: {', '.join(s.name for s in listed)}")
+    return FaultPlan(tuple(chosen), listed, note)
 
 
 # -- running ------------------------------------------------------------------------------------------------------
@@ -202,16 +299,21 @@ class ScenarioResult:
         return base
 
 
-async def run_scenario(scn: Scenario, env: dict[str, str], stack_dir: Path, cfg: MatrixConfig, index: int,
+async def run_scenario(scn: Scenario, env: dict[str, str], stack_dir: Path | None, cfg: MatrixConfig, index: int,
                        respawned: list[subprocess.Popen[bytes]] | None = None) -> ScenarioResult:
-    """Run one scenario against a running stack (``env``); never raises for the scenario's own failure.
+    """Run one scenario against a running stack (``env``), or in cloud mode against the configured services (a
+    cloud-safe scenario only; ``stack_dir`` may then be None); never raises for the scenario's own failure.
 
     ``respawned`` collects processes an injector restarted (the broker): the stack's state file points at them, so
     ``stack down`` stops them; the caller reaps the handles after that.
     """
-    before = await _redis_snapshot(env)
+    cloud = Settings.from_env(env, env_files=()).mode == "cloud"
+    if cloud and not scn.cloud_safe:
+        return ScenarioResult(scn, None, 0.0, [], error=f"ConfigError: {offline_only_refusal([scn.name])}")
+    # The Redis command count is the cost projection's, offline; in the cloud other traffic shares the database.
+    before = None if cloud else await _redis_snapshot(env)
     res = await _run_scenario(scn, env, stack_dir, cfg, index, respawned)
-    after = await _redis_snapshot(env)
+    after = None if cloud else await _redis_snapshot(env)
     if before is not None and after is not None:
         res.extra["redis_cmds"] = delta(before, after).calls
     return res
@@ -228,11 +330,13 @@ async def _redis_snapshot(env: dict[str, str]) -> CommandStats | None:
         return None
 
 
-async def _run_scenario(scn: Scenario, env: dict[str, str], stack_dir: Path, cfg: MatrixConfig, index: int,
-                        respawned: list[subprocess.Popen[bytes]] | None) -> ScenarioResult:
+async def _run_scenario(scn: Scenario, env: dict[str, str], stack_dir: Path | None, cfg: MatrixConfig,
+                        index: int, respawned: list[subprocess.Popen[bytes]] | None) -> ScenarioResult:
     t0 = time.monotonic()
     notes: list[str] = []
     if scn.followups:
+        if stack_dir is None:
+            return ScenarioResult(scn, None, 0.0, notes, error="StackError: worker_sigkill needs the offline stack")
         from whatrack.proof.worker_faults import run_worker_scenario
 
         try:
@@ -245,11 +349,15 @@ async def _run_scenario(scn: Scenario, env: dict[str, str], stack_dir: Path, cfg
     public_port = urlsplit(env["WEBHOOK_PUBLIC_URL"]).port
     from whatrack.devstack.servers import free_port
 
+    if not public_port:
+        return ScenarioResult(scn, None, 0.0, notes, error=(
+            "ConfigError: WEBHOOK_PUBLIC_URL has no port: the scenario runs its own endpoint (or its front) on that "
+            "port of this machine, to kill it; point the public URL (or the tunnel behind it) at a local port"))
     endpoint_port = free_port() if scn.front else public_port
     endpoint = EndpointProcess(env, port=endpoint_port, workers=cfg.workers)
     config = LoadConfig(n=cfg.n, seed=cfg.seed * 1000 + index, rate=cfg.rate, concurrency=cfg.concurrency,
                         settle_timeout=cfg.settle_timeout, progress=cfg.progress,
-                        organization=f"faults {cfg.seed} {scn.name}")
+                        organization=f"faults {cfg.seed} {scn.name}", copies=scn.copies)
     respawned = respawned if respawned is not None else []
 
     async def during(progress: Progress) -> None:
@@ -272,17 +380,23 @@ async def _run_scenario(scn: Scenario, env: dict[str, str], stack_dir: Path, cfg
                 notes.append(f"front: {front.stats}")
             load = await run_load(settings, config, during=during if scn.inject else None)
             if scn.front is not None:
-                notes[-1] = (f"front: {front.stats.requests} requests, {front.stats.failed_on_purpose} answered 503, "
-                             f"{front.stats.duplicates} delivered twice")
+                notes[-1] = (f"front: {front.stats.requests} requests, {front.stats.failed_on_purpose} answered 503"
+                             + (f", {front.stats.duplicates} delivered twice" if scn.front.duplicate else ""))
+            if scn.copies > 1:
+                messages = len({s.qstash_id for s in load.sent if s.qstash_id})
+                notes.append(f"every webhook published {scn.copies} times: {messages} QStash messages for "
+                             f"{load.ledger.total} webhooks, {load.delivered} of them delivered (QStash's final "
+                             "states, read before the ledger)")
         return ScenarioResult(scn, load, time.monotonic() - t0, notes)
     except WhatrackError as e:
         log.exception("[faults] scenario %s failed to run", scn.name)
         return ScenarioResult(scn, None, time.monotonic() - t0, notes, error=f"{type(e).__name__}: {e}")
     finally:
         await asyncio.to_thread(endpoint.close)
-        for name in ("postgres", "centrifugo"):
-            with contextlib.suppress(StackError):
-                FaultContext(env, stack_dir, endpoint, Progress(0), 0).proxy(name).heal()
+        if not scn.cloud_safe:  # only an offline-only scenario touches the fault proxies
+            for name in ("postgres", "centrifugo"):
+                with contextlib.suppress(StackError):
+                    FaultContext(env, stack_dir, endpoint, Progress(0), 0).proxy(name).heal()
 
 
 @dataclass
@@ -338,28 +452,49 @@ async def measure_idle(env: dict[str, str], seconds: float) -> int:
     return delta(before, after).calls if before and after else 0
 
 
+def _run_all(scenarios: Sequence[Scenario], env: dict[str, str], stack_dir: Path | None, cfg: MatrixConfig,
+             respawned: list[subprocess.Popen[bytes]]) -> list[ScenarioResult]:
+    results: list[ScenarioResult] = []
+    for i, scn in enumerate(scenarios):
+        log.info("[faults] scenario %s (%d/%d)", scn.name, i + 1, len(scenarios))
+        res = asyncio.run(run_scenario(scn, env, stack_dir, cfg, i, respawned))
+        log.info("[faults] %s: %s in %.0f s %s", scn.name, "PASS" if res.passed else "FAIL", res.seconds,
+                 res.error or "")
+        results.append(res)
+    return results
+
+
 def run_matrix(scenarios: Sequence[Scenario] = SCENARIOS, cfg: MatrixConfig = MatrixConfig(), *,  # noqa: B008 (frozen)
-               stack_dir: Path = Path("runs/.faults-stack"), database_url: str | None = None) -> MatrixRun:
+               stack_dir: Path = Path("runs/.faults-stack"), database_url: str | None = None,
+               env: Mapping[str, str] | None = None) -> MatrixRun:
     """Bring a stack up in ``stack_dir`` (time-scaled broker), run every scenario in order, measure the idle Redis
     command rate, bring the stack down.
 
+    With ``env`` in cloud mode (``WHATRACK_MODE=cloud``, the real services' settings) no stack starts: the
+    scenarios, cloud-safe ones only, run against those services, and there is no idle window (it would run a
+    follow-up worker on the production queue).
+
     Raises:
         StackError: the stack could not start.
+        ConfigError: ``env`` is not in cloud mode, or an offline-only scenario was given with it.
     """
+    if env is not None:
+        given = dict(env)
+        if Settings.from_env(given, env_files=()).mode != "cloud":
+            raise ConfigError("WHATRACK_MODE", "the fault matrix runs against given services in cloud mode only "
+                              "(offline it brings its own stack)", "cloud")
+        refusal = offline_only_refusal(s.name for s in scenarios)
+        if refusal:
+            raise ConfigError("scenarios", refusal)
+        return MatrixRun(_run_all(scenarios, given, None, cfg, []))
     from whatrack.devstack.stack import running_stack
 
-    results: list[ScenarioResult] = []
     respawned: list[subprocess.Popen[bytes]] = []
     try:
         with running_stack(stack_dir, time_scale=cfg.time_scale, database_url=database_url) as st:
-            env = st.env()
-            for i, scn in enumerate(scenarios):
-                log.info("[faults] scenario %s (%d/%d)", scn.name, i + 1, len(scenarios))
-                res = asyncio.run(run_scenario(scn, env, Path(stack_dir).resolve(), cfg, i, respawned))
-                log.info("[faults] %s: %s in %.0f s %s", scn.name, "PASS" if res.passed else "FAIL", res.seconds,
-                         res.error or "")
-                results.append(res)
-            idle = asyncio.run(measure_idle(env, cfg.idle_s)) if cfg.idle_s else 0
+            stack_env = st.env()
+            results = _run_all(scenarios, stack_env, Path(stack_dir).resolve(), cfg, respawned)
+            idle = asyncio.run(measure_idle(stack_env, cfg.idle_s)) if cfg.idle_s else 0
     finally:
         for p in respawned:  # stopped by `stack down` (the state file points at them): reap, or stop if it did not
             if p.poll() is None:

@@ -2,7 +2,10 @@
 endpoint, except that it can answer 503 to a random share of them, or deliver each one twice (concurrently).
 
 It needs no product change: the endpoint keeps verifying signatures against ``WEBHOOK_PUBLIC_URL`` (the front's URL,
-which is where QStash delivers), and runs on an internal port behind it.
+which is where QStash delivers), and runs on an internal port behind it. Only what the operator runs is involved (its
+own public port and endpoint), so the ``endpoint_5xx`` scenario runs in cloud mode too, in front of the real QStash.
+The matrix's ``duplicate_delivery`` scenario publishes every webhook twice instead (two QStash messages: the same in
+both modes); the front's ``duplicate`` mode stays for delivering one request twice at the same instant.
 """
 
 from __future__ import annotations

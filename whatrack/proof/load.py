@@ -49,6 +49,9 @@ PENDING_LOG_S = 30.0
 #: Seconds past QStash's last backoff the settle wait allows for the last attempt itself (QStash's request timeout
 #: is minutes on paid plans; a healthy endpoint answers in well under a second).
 SETTLE_MARGIN_S = 60.0
+#: Seconds between two reads of QStash's events while waiting for every copy of a webhook to be delivered (each read
+#: is one API call per 100 messages: a real QStash counts them).
+COPIES_POLL_S = 0.5
 
 
 @dataclass
@@ -69,6 +72,7 @@ class LoadResult:
     replays: list[Replay]
     ledger: Ledger
     sent: list[Sent] = field(repr=False, default_factory=list)
+    delivered: int | None = None  # with copies > 1: QStash messages DELIVERED (each webhook's every copy counted)
 
     @property
     def passed(self) -> bool:
@@ -131,8 +135,14 @@ class EndpointProcess:
         """Start and wait until ``/healthz`` answers.
 
         Raises:
-            StackError: it exited or did not answer in time (with its log's last lines).
+            StackError: the port is taken (another endpoint, a `whatrack serve` left running: its answer would be
+                taken for ours, and a fault would kill ours, not it), or it exited or did not answer in time (with
+                its log's last lines).
         """
+        if _listening(self.port):
+            raise StackError(f"port {self.port} (of WEBHOOK_PUBLIC_URL) is already taken: stop what listens there "
+                             "(a `whatrack serve`?) so that this endpoint process, which the run starts, stops and "
+                             "kills, is the one that answers")
         child = {k: v for k, v in os.environ.items() if k not in SECRET_ENV_NAMES and not k.startswith("WHATRACK_")}
         child.update(self.env, PYTHONUNBUFFERED="1")
         with open(self.log_path, "ab") as out:
@@ -190,6 +200,15 @@ class EndpointProcess:
         self.close()
 
 
+def _listening(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:``port``."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 # -- publishing ---------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -210,14 +229,19 @@ class Progress:
 
 async def publish_all(publisher: Publisher, webhooks: Sequence[Webhook], *, rate: float | None = None,
                       concurrency: int = DEFAULT_CONCURRENCY, retries: int = 3, progress: Progress | None = None,
-                      bar: bool = True) -> list[Sent]:
+                      bar: bool = True, copies: int = 1) -> list[Sent]:
     """Publish every body (at ``rate`` per second, or as fast as ``concurrency`` allows); one :class:`Sent` each.
 
-    A publish that raises is recorded with outcome ``unknown`` (QStash may or may not have it), never as accepted.
+    ``copies`` > 1 publishes each body that many times, back to back: as many QStash messages, so QStash delivers
+    the same webhook that many times (what its at-least-once delivery may do; the duplicate-delivery fault). A
+    publish that raises is recorded with outcome ``unknown`` (QStash may or may not have it), never as accepted.
     """
     # tqdm.auto warns "IProgress not found" on import in a kernel without ipywidgets, even for a disabled bar.
     tqdm = importlib.import_module("tqdm.auto" if bar else "tqdm.std").tqdm
 
+    if copies < 1:
+        raise ValueError(f"copies must be at least 1, got {copies}")
+    webhooks = [w for w in webhooks for _ in range(copies)]
     sem = asyncio.Semaphore(concurrency)
     out: list[Sent | None] = [None] * len(webhooks)
     started = time.monotonic()
@@ -318,6 +342,28 @@ async def settle(store: Any, publisher: Publisher, sent: Sequence[Sent], organiz
         await asyncio.sleep(0.25)
 
 
+async def settle_copies(publisher: Publisher, sent: Sequence[Sent], *, timeout: float) -> dict[str, str]:
+    """Wait until QStash has settled every accepted message of ``sent`` (DELIVERED, FAILED or CANCELED), or
+    ``timeout``: with several copies per webhook, a row is there after the first delivery, and the ledger must count
+    what the later ones did. Returns the states (best effort: empty when QStash's events cannot be read)."""
+    ids = [s.qstash_id for s in sent if s.qstash_id]
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            states = await publisher.states(ids)
+        except PublishError as e:
+            log.warning("[loadtest] QStash events could not be read while waiting for the copies: %s", e)
+            return {}
+        waiting = [m for m in ids if states.get(m) not in SETTLED_STATES]
+        if not waiting:
+            return states
+        if time.monotonic() > deadline:
+            log.warning("[loadtest] %d of %d messages not settled by QStash after %.0f s", len(waiting), len(ids),
+                        timeout)
+            return states
+        await asyncio.sleep(COPIES_POLL_S)
+
+
 async def close_publisher(publisher: Publisher) -> None:
     """Close the publisher's HTTP client (``Publisher`` has no ``aclose`` yet: the SDK's httpx client is reached
     through ``AsyncQStash.http``)."""
@@ -362,18 +408,23 @@ async def run_load(settings: Settings, config: LoadConfig, *, during: Hook | Non
         org_id = 0
         for inst in instances_of(webhooks, config.seed, config.instances):
             org_id = (await store.register_instance(org_name, inst.name, inst.token, owner=inst.owner)).organization_id
-        progress = Progress(len(webhooks))
+        progress = Progress(len(webhooks) * config.copies)
         since_ms = int(time.time() * 1000)
         t0 = time.time()
         hook: asyncio.Task[None] | None = asyncio.create_task(during(progress)) if during else None
         try:
             sent = await publish_all(publisher, webhooks, rate=config.rate, concurrency=config.concurrency,
-                                     retries=config.retries, progress=progress, bar=config.progress)
+                                     retries=config.retries, progress=progress, bar=config.progress,
+                                     copies=config.copies)
         finally:
             if hook is not None:
                 await hook
         publish_s = max(max((s.at for s in sent), default=t0) - t0, 1e-9)
         await settle(store, publisher, sent, org_id, timeout=config.settle_timeout)
+        delivered = None
+        if config.copies > 1:  # the first copy stored the row: wait until QStash delivered the others too
+            states = await settle_copies(publisher, sent, timeout=config.settle_timeout)
+            delivered = sum(1 for v in states.values() if v == "DELIVERED")
         obs = await collect(store, realtime, publisher, sent, organization_id=org_id)
         dlq_before = len([d for d in obs.dlq if d.provider_id in {s.provider_id for s in sent}])
         replays: list[Replay] = []
@@ -398,7 +449,7 @@ async def run_load(settings: Settings, config: LoadConfig, *, during: Hook | Non
                              if e.created_at is not None and e.sent_at is not None),
         realtime=latency_stats((e.published_at - e.sent_at) * 1e3 for e in ledger.entries
                                if e.published_at is not None and e.sent_at is not None),
-        retries=retries, dlq=dlq_before, replays=replays, ledger=ledger, sent=sent)
+        retries=retries, dlq=dlq_before, replays=replays, ledger=ledger, sent=sent, delivered=delivered)
     log.info("[loadtest] %d messages: %s; %.0f accepted/s, %.0f stored/s, commit %s", len(sent), ledger.summary(),
              result.accepted_per_s, result.stored_per_s, result.commit)
     return result

@@ -4,14 +4,27 @@ The seven criteria, in the PRD's order and words (Portuguese, with an English gl
 ``results.json`` (:func:`judge`): a verdict (``pass``, ``fail``, or ``no evidence`` when the phase that proves it did
 not run or only dry-ran, as in cloud mode without confirmation), the evidence as one sentence, and the figures it rests
 on. Phase 90 records these rows; the run's ``index.html`` and ``run.json`` show them as the acceptance table.
+
+In cloud mode phase 30 runs the cloud-safe fault scenarios only; each offline-only one is listed with the offline run
+that proved it (:func:`offline_proofs`: the newest recorded offline phase 30 in which it passed), which the "no data
+loss on failure" evidence names.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import json
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from whatrack.runs.record import criterion
+from whatrack.runs.record import RESULTS_FILE, criterion, phase_dir
+
+log = logging.getLogger("whatrack.runs.acceptance")
+
+#: What phase 30 in cloud mode says of an offline-only scenario no offline run has proved yet.
+NOT_PROVED = "not yet proved offline: run `whatrack run 30` offline"
 
 #: The PRD's section 13, in its order: (the PRD's text, an English gloss).
 PRD_CRITERIA: tuple[tuple[str, str], ...] = (
@@ -161,12 +174,17 @@ def _no_loss(results: Results) -> Judgement:
     load, back = _phase(results, "30"), _phase(results, "40")
     faults = (load or {}).get("faults") or []
     if not faults:
-        return None, "no fault scenario ran (phase 30 offline, faults=...)", {}
+        return None, "no fault scenario ran (phase 30's faults=...; in cloud mode the cloud-safe ones)", {}
     figures: dict[str, Any] = {f["scenario"]: {"lost": f.get("lost"), "duplicated": f.get("duplicated"),
                                                 "recovered": f.get("recovered")} for f in faults}
     clean = all(f.get("passed") and not f.get("lost") and not f.get("duplicated") for f in faults)
     evidence = "; ".join(f"{f['scenario']}: {f.get('ok', 0)} ok, {f.get('recovered', 0)} recovered, "
                          f"{f.get('lost', 0)} lost, {f.get('duplicated', 0)} duplicated" for f in faults)
+    listed = (load or {}).get("faults_offline_only") or []
+    if listed:  # cloud mode: not run here, each named with the offline run that proved it
+        figures["offline_only"] = {r["scenario"]: r.get("proved_by") for r in listed}
+        evidence += "; offline only, not run in this (cloud) run: " + ", ".join(
+            f"{r['scenario']} ({r.get('evidence')})" for r in listed)
     rollback_ok = True
     if back is not None and back.get("passed") is not None:
         rollback_ok = bool(back.get("passed"))
@@ -186,4 +204,72 @@ def judge(results: Results) -> list[dict[str, Any]]:
     for n, ((pt, en), fn) in enumerate(zip(PRD_CRITERIA, _JUDGES, strict=True), start=1):
         passed, evidence, figures = fn(results)
         rows.append(criterion(pt, passed, evidence) | {"number": n, "gloss": en, "figures": figures})
+    return rows
+
+
+# -- offline proofs of the offline-only fault scenarios ---------------------------------------------------------------
+
+def runs_root() -> Path:
+    """The directory holding the runs: the current run's parent inside a ``whatrack run`` kernel, else ``runs/`` (of
+    the repository when called from ``notebooks/``)."""
+    here = phase_dir()
+    if here is not None:
+        return here.parent.parent
+    cwd = Path.cwd()
+    return (cwd.parent if cwd.name == "notebooks" else cwd) / "runs"
+
+
+def _recorded_at(res: Mapping[str, Any]) -> datetime | None:
+    try:
+        at = datetime.fromisoformat(str(res.get("recorded")))
+    except ValueError:
+        return None
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)  # times.iso writes UTC
+
+
+def offline_proofs(names: Iterable[str], runs_dir: Path | None = None) -> dict[str, dict[str, Any] | None]:
+    """For each fault scenario of ``names``, the newest recorded offline phase 30 in which it passed: ``{"run": run
+    id (``lab`` for JupyterLab), "recorded": ISO time, "messages", "lost", "duplicated"}``, or None when no offline
+    run proved it. A run's mode is its phase 30's ``mode``, else its ``run.json``'s; a record of unknown mode or
+    that does not read is skipped (with a log line for the latter).
+
+    Args:
+        runs_dir: where the runs are (default :func:`runs_root`).
+    """
+    wanted = list(names)
+    found: dict[str, tuple[datetime, dict[str, Any]]] = {}
+    root = runs_dir or runs_root()
+    for path in sorted(root.glob(f"*/30_*/{RESULTS_FILE}")):
+        run = path.parent.parent
+        try:
+            res = json.loads(path.read_text(encoding="utf-8"))
+            mode = res.get("mode")
+            if mode is None and (run / "run.json").is_file():
+                mode = json.loads((run / "run.json").read_text(encoding="utf-8")).get("mode")
+        except (OSError, ValueError) as e:
+            log.info("skipped %s: %s", path, e)
+            continue
+        at = _recorded_at(res)
+        if mode != "offline" or at is None:
+            continue
+        for row in res.get("faults") or []:
+            name = row.get("scenario")
+            if name in wanted and row.get("passed") and (name not in found or at > found[name][0]):
+                found[name] = (at, {"run": run.name, "recorded": res.get("recorded"), "messages": row.get("messages"),
+                                    "lost": row.get("lost"), "duplicated": row.get("duplicated")})
+    return {n: found[n][1] if n in found else None for n in wanted}
+
+
+def offline_only_rows(scenarios: Iterable[tuple[str, str]], runs_dir: Path | None = None) -> list[dict[str, Any]]:
+    """Phase 30's cloud-mode listing: one row per offline-only scenario (``(name, description)`` pairs), each with the
+    offline run that proved it (``proved_by``, None when none did) and one sentence of evidence."""
+    pairs = list(scenarios)
+    proofs = offline_proofs([n for n, _ in pairs], runs_dir)
+    rows = []
+    for name, description in pairs:
+        proof = proofs[name]
+        evidence = (f"proved offline in run {proof['run']} (recorded {proof['recorded']}: {proof['messages']} "
+                    f"messages, {proof['lost']} lost, {proof['duplicated']} duplicated)" if proof else NOT_PROVED)
+        rows.append({"scenario": name, "status": "offline only", "description": description,
+                     "proved_by": proof["run"] if proof else None, "evidence": evidence})
     return rows

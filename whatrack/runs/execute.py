@@ -381,8 +381,9 @@ def execute(phases: Sequence[str] = (), *, assignments: Sequence[str] = (), note
     if stale:
         raise ConfigError("WHATRACK_STACK_DIR", stale)
     preflight.require_settings(base, ())  # every malformed setting at once, before any stack or kernel starts
-    base_secrets = Settings.from_env(base).secret_values()
-    params = runs_params.resolve(runs_params.parse_assignments(assignments), chosen, base_secrets)
+    base_settings = Settings.from_env(base)
+    params = runs_params.resolve(runs_params.parse_assignments(assignments), chosen, base_settings.secret_values(),
+                                 mode=base_settings.mode)  # e.g. an offline-only fault refused in cloud mode
     stack_dir = stack_dir or runs_dir / ".stack"
     run_dir = new_run_dir(runs_dir)
     t0 = time.monotonic()

@@ -3,13 +3,15 @@
 A notebook's ``parameters`` cell is its contract: ``name: type = default  # help``. An unknown name is an error that
 lists the known ones (ploomber's strict mode, not papermill's warning); a value is coerced to the declared type
 (``int``, ``float``, ``bool``, ``str``, or any literal for other annotations); a value equal to a secret is refused,
-because no secret is ever a parameter (they are recorded in the executed notebook).
+because no secret is ever a parameter (they are recorded in the executed notebook). Given the run's mode, a value
+that mode cannot run is refused too (:data:`MODE_CHECKS`: phase 30's offline-only fault scenarios in cloud mode), so
+that the run stops before any kernel starts.
 """
 
 from __future__ import annotations
 
 import ast
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,15 +109,35 @@ def parse_assignments(items: Sequence[str]) -> list[tuple[str | None, str, str]]
     return out
 
 
+def _faults_in(value: Any, mode: str) -> str | None:
+    """Phase 30's ``faults``: an offline-only scenario in cloud mode (or an unknown one) is refused."""
+    from whatrack.errors import ConfigError
+    from whatrack.proof.faults import parse_names, select
+
+    try:
+        select(parse_names(str(value)), mode=mode)
+    except ConfigError as e:
+        return e.problem
+    return None
+
+
+#: Checks of a parameter's value against the run's mode: (phase number, parameter) → a function of (value, mode)
+#: returning why the value cannot run in that mode, or None.
+MODE_CHECKS: dict[tuple[str, str], Callable[[Any, str], str | None]] = {("30", "faults"): _faults_in}
+
+
 def resolve(assignments: Sequence[tuple[str | None, str, str]], notebooks: Mapping[str, Path],
-            secrets: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
+            secrets: Iterable[str] = (), *, mode: str | None = None) -> dict[str, dict[str, Any]]:
     """Check every assignment against the chosen notebooks and coerce it: phase → {name: value}.
 
     A plain ``name=value`` applies to every chosen phase that declares ``name``; ``phase.name=value`` to that phase.
+    With ``mode`` (``cloud`` or ``offline``), each value is also checked against what that mode can run
+    (:data:`MODE_CHECKS`).
 
     Raises:
-        RunError: an unknown phase or parameter (with the known ones), a value of the wrong type, or a value that
-            equals a secret setting.
+        RunError: an unknown phase or parameter (with the known ones), a value of the wrong type, a value that
+            equals a secret setting, or a value the run's mode cannot run (e.g. ``-p 30.faults=postgres_outage`` in
+            cloud mode: the message names the offline-only scenario and the cloud-safe ones).
     """
     decl = {phase: declared(path) for phase, path in notebooks.items()}
     secret_set = {s for s in secrets if s}
@@ -139,4 +161,8 @@ def resolve(assignments: Sequence[tuple[str | None, str, str]], notebooks: Mappi
             raise RunError(where, f"unknown parameter {name!r}; known parameters: {', '.join(known) or '(none)'}")
         for p in hits:
             out[p][name] = coerce(raw, decl[p][name].type_name, name=name, phase=p)
+            check = MODE_CHECKS.get((p.split("_", 1)[0], name)) if mode is not None else None
+            why = check(out[p][name], mode) if check is not None and mode is not None else None
+            if why:
+                raise RunError(p, f"-p {name}={raw} refused in {mode} mode: {why}")
     return out
