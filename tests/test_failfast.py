@@ -324,3 +324,55 @@ def test_serve_with_a_good_configuration_starts_is_ready_and_stops_on_sigterm(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# -- the credentials refused while serving -------------------------------------------------------------------------
+
+
+async def test_credentials_refused_while_serving_go_to_the_dlq_not_to_retries(
+        password_role: tuple[str, str], fixtures_dir: Path) -> None:
+    """The password changed under a running endpoint: no retry can fix that, so a delivery is answered 489 (QStash's
+    DLQ keeps it for a replay after the fix), never a 503 that spends QStash's retries; /readyz names DATABASE_URL."""
+    import json
+
+    from whatrack.devstack.qstash.sign import sign
+    from whatrack.store.api import Store
+
+    good_url, _ = password_role
+    role = urlsplit(good_url).username
+    admin_url = urlunsplit(urlsplit(good_url)._replace(netloc=f"postgres@{urlsplit(good_url).hostname}:"
+                                                              f"{urlsplit(good_url).port}"))
+    fixture = json.loads((fixtures_dir / "messages_inbound_text.json").read_text())
+    with psycopg.connect(admin_url, autocommit=True) as db:
+        db.execute(f"GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}")
+        db.execute(f"GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}")
+    store = Store.from_url(admin_url)
+    await store.register_instance("Acme", fixture["instanceName"], fixture["token"], owner=fixture["owner"])
+    port = servers.free_port()
+    public = f"http://127.0.0.1:{port}{WEBHOOK_PATH}"
+    settings = Settings.from_env(_serve_env(good_url) | {"WEBHOOK_PUBLIC_URL": public}, env_files=())
+
+    async def deliver(c: httpx.AsyncClient, external_id: str) -> httpx.Response:
+        body = json.dumps(fixture | {"message": fixture["message"] | {"messageid": external_id,
+                                                                       "id": f"{fixture['owner']}:{external_id}"}})
+        return await c.post(public, content=body, headers={"Content-Type": "application/json",
+                                                            "Upstash-Signature": sign(body.encode(), public, CURRENT)})
+
+    try:
+        async with serving(create_app(settings), port=port) as base, httpx.AsyncClient(timeout=30) as c:
+            assert (await deliver(c, "AUTH0000000000000001")).status_code == 200
+            with psycopg.connect(admin_url, autocommit=True) as db:  # the password changes; its sessions end
+                db.execute(f"ALTER ROLE {role} PASSWORD 'rotated-elsewhere'")
+                db.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
+            refused = await deliver(c, "AUTH0000000000000002")
+            assert refused.status_code == 489, refused.text
+            assert refused.headers["Upstash-NonRetryable-Error"] == "true"
+            assert refused.json()["error"] == "database_auth_failed"
+            ready = await c.get(f"{base}/readyz")
+            assert ready.status_code == 503 and "DATABASE_URL" in ready.text, ready.text
+            assert "rotated-elsewhere" not in ready.text + refused.text
+        assert (await store.counts())["message"] == 1  # the refused one waits in the DLQ, not half-written here
+    finally:
+        await store.aclose()
+        with psycopg.connect(admin_url, autocommit=True) as db:
+            db.execute(f"DROP OWNED BY {role}")  # its grants, so that the fixture can drop the role

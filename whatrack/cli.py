@@ -31,6 +31,7 @@ COMMANDS = {
     "worker": "whatrack.followups.cli", "followup": "whatrack.followups.cli",
     "migrate": "whatrack.migration.cli",
     "loadtest": "whatrack.proof.cli", "faults": "whatrack.proof.cli", "replay": "whatrack.proof.cli",
+    "dlq": "whatrack.proof.cli",
     "alerts": "whatrack.alerts.cli",
 }
 

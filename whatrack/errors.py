@@ -72,6 +72,11 @@ class StoreError(WhatrackError):
     """The database failed in a way a retry may fix (unreachable, timed out, serialization failure)."""
 
 
+class StoreAuthError(StoreError):
+    """The database refused whatrack's credentials (wrong password or user, no access to the database): a
+    configuration error, which no retry fixes, not an outage. The message names ``DATABASE_URL``."""
+
+
 class PublishError(WhatrackError):
     """Realtime publication (Centrifugo) failed in a way a retry may fix."""
 

@@ -193,8 +193,49 @@ def _add_replay(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.set_defaults(func=_cmd_replay)
 
 
+# -- whatrack dlq ---------------------------------------------------------------------------------------------------
+
+def _cmd_dlq(args: argparse.Namespace) -> int:
+    from whatrack.proof.ledger import dlq_items, replay_dlq
+    from whatrack.proof.replay import require_endpoint
+    from whatrack.qstash import Publisher
+
+    settings = Settings.from_env()
+    settings.require("QSTASH_TOKEN", "WEBHOOK_PUBLIC_URL")
+
+    async def main() -> int:
+        publisher = Publisher.from_settings(settings)
+        try:
+            items = await dlq_items(publisher)
+            print(f"{len(items)} DLQ entr{'y' if len(items) == 1 else 'ies'} for {publisher.destination}")
+            for it in items:
+                print(f"  {it.dlq_id}  status {it.status}  {it.provider_id or '(not a UAZAPI message)'}")
+            if not args.replay or not items:
+                if items and not args.replay:
+                    print("replay them, once the cause is fixed (e.g. DATABASE_URL): whatrack dlq --replay")
+                return 0
+            await require_endpoint(settings.webhook_public_url)  # a replay into a silent endpoint lands here again
+            done = await replay_dlq(publisher, items)
+            left = len(items) - len(done)
+            print(f"replayed {len(done)}; {left} left in the DLQ" + (" (not UAZAPI messages, or refused: see the "
+                                                                       "log)" if left else ""))
+            return 1 if left else 0
+        finally:
+            await publisher.aclose()
+
+    return asyncio.run(main())
+
+
+def _add_dlq(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("dlq", help="list QStash's DLQ entries for WEBHOOK_PUBLIC_URL; --replay publishes them again")
+    p.add_argument("--replay", action="store_true", help="republish every entry (new QStash messages), then delete "
+                   "it from the DLQ; the endpoint is idempotent, so a message already stored is not stored twice")
+    p.set_defaults(func=_cmd_dlq)
+
+
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """``whatrack loadtest``, ``whatrack faults`` and ``whatrack replay``."""
+    """``whatrack loadtest``, ``whatrack faults``, ``whatrack replay`` and ``whatrack dlq``."""
     _add_loadtest(sub)
     _add_faults(sub)
     _add_replay(sub)
+    _add_dlq(sub)

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import asyncpg
 from sqlalchemy.engine import make_url
 
-from whatrack.errors import PayloadError, StoreError
+from whatrack.errors import PayloadError, StoreAuthError, StoreError
 from whatrack.store.engine import CONNECT_TIMEOUT_S, MAX_ATTEMPTS, POOL_TIMEOUT_S
 
 log = logging.getLogger("whatrack.store.write")
@@ -83,6 +83,8 @@ DEPTH = "SELECT count(*) FROM message WHERE published_at IS NULL"
 
 #: Errors that mean the connection, not the statement, failed: the pool replaces it, the call is tried again.
 _LOST = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, ConnectionError)
+#: The server refused the credentials (28000 and 28P01) or the database (3D000): configuration, not an outage.
+_REFUSED = (asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidCatalogNameError)
 #: Values the database can never hold: asyncpg's DataError covers class 22 and its own argument encoding.
 _UNSTORABLE = (asyncpg.DataError, UnicodeEncodeError, OverflowError)
 
@@ -162,6 +164,11 @@ class Writer:
                     return await fn(conn)
             except _UNSTORABLE as e:
                 raise PayloadError("unstorable_value", f"database {op} refused a value: {describe(e)}") from e
+            except _REFUSED as e:
+                log.error("%s: PostgreSQL refused the login on %s: %s: fix DATABASE_URL (user, password, "
+                          "database name)", op, self.safe_url, describe(e))
+                raise StoreAuthError(f"database {op}: PostgreSQL refused the login ({describe(e)}): fix the user, "
+                                     "password or database name in DATABASE_URL") from e
             except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as e:
                 retry = isinstance(e, asyncpg.TransactionRollbackError) or (isinstance(e, _LOST) and attempt == 1)
                 if attempt < MAX_ATTEMPTS and retry:

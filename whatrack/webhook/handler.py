@@ -6,7 +6,9 @@ The status contract is what keeps messages from being lost (QStash retries anyth
   the outbox, published by ``webhook.publisher`` (a Centrifugo outage costs no QStash retry);
 - 401 for a missing or bad signature;
 - 489 + ``Upstash-NonRetryable-Error: true`` for what can never succeed (not JSON, no message id, unknown instance),
-  so QStash moves it to the DLQ at once, where nothing is lost and no retry storm starts;
+  so QStash moves it to the DLQ at once, where nothing is lost and no retry storm starts; also when PostgreSQL
+  refuses our login (a wrong ``DATABASE_URL`` is configuration: no retry fixes it, the DLQ keeps the message for a
+  replay after the fix, and ``/readyz`` says so);
 - 503 for transient failure (database unreachable or slow, processing timeout), so QStash retries.
 
 Responses never echo internals: a short code and a fixed message.
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from whatrack import uazapi
-from whatrack.errors import PayloadError, SignatureError, StoreError
+from whatrack.errors import PayloadError, SignatureError, StoreAuthError, StoreError
 from whatrack.events import Ignored, InstanceEvent, MessageEvent, ReceiptEvent
 from whatrack.qstash import NON_RETRYABLE_HEADER, NON_RETRYABLE_STATUS, Verifier
 
@@ -122,6 +124,11 @@ class WebhookHandler:
         except PayloadError as e:  # the store refused what can never be stored (an over-long id, a NUL in an id)
             log.warning("[webhook] non-retryable payload: %s", e.reason)
             return _non_retryable(e.reason)
+        except StoreAuthError as e:
+            # Configuration, not an outage: retries cannot fix it, so none is spent; QStash keeps the message in its
+            # DLQ (489 + Upstash-NonRetryable-Error) until it is replayed after DATABASE_URL is fixed.
+            log.error("[webhook] %s; the message goes to QStash's DLQ: replay it from there after the fix", e)
+            return _non_retryable("database_auth_failed")
         except StoreError as e:
             log.warning("[webhook] database unavailable, QStash will retry: %s", e)
             return _transient("database_unavailable")

@@ -135,5 +135,17 @@ async def database_problem(engine: AsyncEngine, timeout: float = READY_TIMEOUT_S
     except TimeoutError:
         return f"no answer within {timeout:.0f} s"
     except Exception as e:  # any failure means "not ready"; the reason is the exception's type only
+        if _login_refused(e):
+            return "the server refused the login (user, password or database name): fix DATABASE_URL"
         return f"unreachable ({type(e).__name__})"
     return None
+
+
+def _login_refused(e: BaseException) -> bool:
+    """A driver error (SQLAlchemy's wrapper, psycopg's or asyncpg's) that means the credentials or the database
+    name were refused, not that the server is down."""
+    orig = getattr(e, "orig", None) or e
+    state = getattr(orig, "sqlstate", None)
+    reason = str(orig).lower()
+    return state in _AUTH_SQLSTATES or "authentication failed" in reason or (
+        "does not exist" in reason and ("role" in reason or "database" in reason))
