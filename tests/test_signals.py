@@ -76,7 +76,7 @@ def test_sigterm_to_lab_stops_jupyter_and_the_stack(tmp_path: Path) -> None:
         assert len(stack) >= 10, "the lab did not bring the devstack up"
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=90)
-        assert rc in (0, 130), log.read_text()[-2000:]
+        assert rc == 130, log.read_text()[-2000:]  # interrupted is not success
         left = _still_running(tree + stack)
         assert not left, f"left running after SIGTERM: {left}"
         assert "stopped" in log.read_text(), "the stack was not brought down"

@@ -76,10 +76,15 @@ def _cmd_lab(args: argparse.Namespace) -> int:
         proc = subprocess.Popen(cmd, env=env)
         try:
             return proc.wait()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (whatrack.cli turns it into this)
             proc.terminate()
-            proc.wait(30)
-            return 0
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            print("whatrack lab: interrupted; JupyterLab stopped", file=sys.stderr)
+            return 130  # the shell's code for "stopped by a signal", not success
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
