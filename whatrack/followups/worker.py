@@ -4,7 +4,8 @@ A :class:`WorkerContext` (store, UAZAPI client, realtime publisher) is built onc
 :func:`process_followup` is a plain ``async def``. Per job: validate the payload; skip if the lead replied since the
 follow-up was scheduled; send through UAZAPI; record the send in Redis (``bull:followup:<id>:sent``) *before* the
 database write, so a retry (or a rescued stalled job) never sends twice; store the outbound message idempotently on
-the job id; publish it in realtime.
+the job id; publish it in realtime (when Centrifugo fails, the row stays in the outbox for the endpoint's publisher:
+the job is done).
 
 A worker killed (SIGKILL, OOM, node loss) after UAZAPI accepted a send but before the ``:sent`` record was written
 leaves no record; its job comes back through stalled recovery. Such a job *may* have been sent: BullMQ's job hash
@@ -51,7 +52,7 @@ import redis.asyncio as aredis
 from bullmq import Job, UnrecoverableError
 
 from whatrack import redis_tcp
-from whatrack.errors import ConfigError, PayloadError, SendError, StackError
+from whatrack.errors import ConfigError, PayloadError, PublishError, SendError, StackError
 from whatrack.followups.bull import FollowupBullWorker
 from whatrack.followups.constants import (
     DEFAULT_CONCURRENCY,
@@ -289,8 +290,14 @@ async def process_followup(ctx: WorkerContext, job: Job) -> dict[str, Any]:
                                            external_id=record.message_id, provider_id=record.provider_id,
                                            sent_at=record.sent_at)
     if not stored.published:
-        await ctx.realtime.publish_message(stored)
-        await ctx.store.mark_published(stored.message_id)
+        try:
+            await ctx.realtime.publish_message(stored)
+        except PublishError as e:
+            # Sent and stored: the job is done. The row stays unpublished, in the outbox, which the endpoint's
+            # publisher delivers when Centrifugo answers again; failing the job would only retry a finished send.
+            log.warning("follow-up %s stored; its realtime publication is left to the outbox (%s)", job_id, e)
+        else:
+            await ctx.store.mark_published(stored.message_id)
     log.info("follow-up %s sent to lead %s (attempt %d, %.0f ms)", job_id, fu.lead_id, job.attemptsMade + 1,
              (time.monotonic() - t0) * 1000)
     return {"status": "sent", "messageId": record.message_id, "providerId": record.provider_id,
