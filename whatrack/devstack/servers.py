@@ -52,7 +52,7 @@ REDIS_SERVER_ENV = "WHATRACK_REDIS_SERVER"
 #: connection draws from. A port the kernel hands out for ``bind(0)`` lies in that range, and another process's
 #: client socket could take it before our child binds it (seen: a stand-in failing with "address already in use"
 #: while three test workers made connections).
-_PORTS = (20000, 32000)
+PORT_RANGE = (20000, 32000)
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -62,16 +62,32 @@ def _ephemeral_range() -> tuple[int, int]:
     return 32768, 60999
 
 
+#: Ports this process handed out: never twice (a port the stack reserved for a later server stays its own).
+_HANDED: set[int] = set()
+
+
+def _port_range() -> tuple[int, int]:
+    """``WHATRACK_PORT_RANGE`` ("LOW-HIGH": parallel test workers each get a slice of their own), else the default."""
+    raw = os.environ.get("WHATRACK_PORT_RANGE", "")
+    with contextlib.suppress(ValueError):
+        low, high = (int(v) for v in raw.split("-", 1))
+        if 1024 <= low < high <= 65535:
+            return low, high
+    return PORT_RANGE
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago on ``host``, outside the ephemeral range where the machine has room."""
+    """A TCP port that was free a moment ago on ``host``, outside the ephemeral range where the machine has room,
+    and not handed out before by this process."""
     low, high = _ephemeral_range()
-    candidates = [port for port in range(*_PORTS) if not low <= port <= high]
+    candidates = [port for port in range(*_port_range()) if not low <= port <= high and port not in _HANDED]
     for port in random.sample(candidates, min(50, len(candidates))):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind((host, port))
             except OSError:
                 continue
+            _HANDED.add(port)
             return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # no room below the ephemeral range
         s.bind((host, 0))
