@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from store_helpers import OWNER, TOKEN, message
+from store_helpers import OWNER, T0, TOKEN, message
 from test_webhook import CENT_KEY, CURRENT, NAMESPACES, NEXT, wait_published
 
 from whatrack.devstack import centrifugo, servers
@@ -190,23 +190,38 @@ async def test_two_publishers_never_publish_a_message_twice(store: Store, inst: 
         assert sorted(await _history(f"{cent_base}/api", rows)) == [f"TWO{i:03d}" for i in range(60)]
 
 
-async def test_a_notify_wakes_the_publisher_without_a_sweep(store: Store, inst: InstanceRef, redis_url: str) -> None:
+async def test_a_write_wakes_its_own_process_publisher_and_another_process_notifies(
+        make_pg_database: Callable[[], str], redis_url: str) -> None:
+    """No sweep runs (sweep_s = an hour): the webhook's write wakes the publisher of its process in memory (it sends
+    no NOTIFY: that would serialize every commit); a row another process stores (the follow-up worker's) arrives
+    by its NOTIFY."""
+    url = make_pg_database()
+    store = Store.from_url(url)
+    await store.upgrade()
+    inst = await store.register_instance("acme", "inst-a", TOKEN, owner=OWNER)
     assert store.writer is not None
     async with serving(centrifugo.create_app(redis_url, CENT_KEY, NAMESPACES)) as cent_base:
         rt = CountingRealtime(f"{cent_base}/api", CENT_KEY)
-        publisher = Publisher(store.writer, rt, sweep_s=3600.0)  # only the write's NOTIFY can wake it
+        publisher = Publisher(store.writer, rt, sweep_s=3600.0)
         publisher.start()
+        other = Store.from_url(url)  # another process's store: its writes cannot wake ours in memory
         try:
             while publisher._listener is None:  # the first drain (empty) ran and the LISTEN is open
                 await asyncio.sleep(0.01)
-            await asyncio.sleep(0.1)  # past the first, empty drain: now waiting for a notification
-            saved = await store.save_message(inst, message("NOTIFIED"))
-            rows = await wait_published(store)
+            await asyncio.sleep(0.1)  # past the first, empty drain: now waiting
+            saved = await store.save_message(inst, message("WOKEN"))
+            rows = await wait_published(store, within_s=5)
+            assert [r["external_id"] for r in rows] == ["WOKEN"]
+            sent = await other.save_outbound(inst, lead_id=saved.lead_id, text="follow-up", job_id="job-notify-1",
+                                             external_id="3EB0NOTIFY0000000001", provider_id=None, sent_at=T0)
+            rows = await wait_published(store, within_s=5)
         finally:
+            await other.aclose()
             await publisher.stop()
             await rt.aclose()
-    assert rt.keys == [f"msg:{saved.provider_id}"]
-    assert [r["external_id"] for r in rows] == ["NOTIFIED"]
+            await store.aclose()
+    assert rt.keys == [f"msg:{saved.provider_id}", f"msg:{sent.provider_id}"]
+    assert sorted(r["external_id"] for r in rows) == ["3EB0NOTIFY0000000001", "WOKEN"]
 
 
 def test_the_publish_lag_alert_fires_on_late_publications_and_on_a_stuck_outbox() -> None:

@@ -39,7 +39,7 @@ from whatrack.store.models import (
 from whatrack.store.refs import InstanceRef as InstanceRef  # re-exported: callers import the refs from here
 from whatrack.store.refs import LeadRef as LeadRef
 from whatrack.store.refs import StoredMessage as StoredMessage
-from whatrack.store.write import Writer
+from whatrack.store.write import OUTBOX_CHANNEL, Writer
 
 log = logging.getLogger("whatrack.store.api")
 
@@ -313,6 +313,8 @@ class Store:
                     raise StoreError(f"message {external_id} conflicted with a row not visible yet; retry")
                 return _stored(found, created=False)
             await steps.touch_conversation(conn, conv_id, sent_at, inbound=False)
+            if conn.dialect.name == "postgresql":  # the endpoints' outbox publishers: a row of another process's
+                await conn.execute(select(func.pg_notify(OUTBOX_CHANNEL, "")))
             return _stored(row, created=True)
 
         return await self._db.transaction("save_outbound", tx)

@@ -1,8 +1,8 @@
 """The store's hot path on PostgreSQL: each webhook write as one asyncpg prepared statement, one commit.
 
-A message is one call of ``whatrack_save_message`` (migration 0003): lead, conversation, open ticket, message, a
-pending edit and the conversation touch in one round trip. Receipts, instance status and the instance lookup are one
-statement each. The realtime outbox (unpublished rows) is claimed, marked and released here too, for
+A message is one call of ``whatrack_save_message`` (migrations 0003, 0004): lead, conversation, open ticket,
+message, a pending edit and the conversation touch in one round trip. Receipts, instance status and the instance
+lookup are one statement each. The realtime outbox (unpublished rows) is claimed, marked and released here too, for
 ``webhook.publisher``. The SQLAlchemy ``Store`` keeps everything else (schema, CLI, reports) and routes these calls
 here on PostgreSQL.
 
@@ -31,7 +31,9 @@ log = logging.getLogger("whatrack.store.write")
 
 T = TypeVar("T")
 
-#: The channel ``whatrack_save_message`` NOTIFYs after inserting a message (the publisher LISTENs).
+#: The channel the outbox publisher LISTENs on. The follow-up worker's writes NOTIFY it (``Store.save_outbound``);
+#: the webhook's write does not (migration 0004: a NOTIFY serializes commits database-wide), it wakes the publisher
+#: of its own process through :meth:`Writer.on_saved`.
 OUTBOX_CHANNEL = "whatrack_outbox"
 
 #: ``whatrack_save_message``'s parameters after the seven lead/flags ones: the event's message columns, in order.
@@ -129,6 +131,13 @@ class Writer:
             self._settings["statement_timeout"] = str(int(statement_timeout_ms))
         self._pool: asyncpg.Pool | None = None
         self._opening = asyncio.Lock()
+        self._saved: list[Callable[[], None]] = []
+
+    def on_saved(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` after each commit that stored a new message (the outbox publisher's wake-up); returns
+        the function that unsubscribes it."""
+        self._saved.append(callback)
+        return lambda: self._saved.remove(callback) if callback in self._saved else None
 
     async def pool(self) -> asyncpg.Pool:
         if self._pool is None:
@@ -187,7 +196,11 @@ class Writer:
         async def call(conn: asyncpg.Connection) -> dict[str, Any]:
             return dict(await conn.fetchrow(SAVE_MESSAGE, *args))
 
-        return await self.run("save_message", call)
+        row = await self.run("save_message", call)
+        if row["created"]:
+            for wake in self._saved:
+                wake()
+        return row
 
     async def apply_receipt(self, inst: int, ids: list[str], status: str, at: datetime, timestamps: tuple[bool, bool],
                             sources: tuple[str, ...]) -> int:

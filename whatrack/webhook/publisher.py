@@ -1,7 +1,9 @@
 """The realtime outbox publisher: one task per endpoint process publishes committed messages to Centrifugo.
 
 The webhook answers 2xx right after its commit; the message row is the outbox (``published_at IS NULL``). This task,
-woken by ``NOTIFY whatrack_outbox`` (sent by the write itself) and by a periodic sweep, claims a batch of rows with
+woken in memory by its own process's writes (``Writer.on_saved``: the write sends no NOTIFY, which would serialize
+every commit database-wide), by ``NOTIFY whatrack_outbox`` from other processes (the follow-up worker's writes) and by
+a periodic sweep (rows of a process that died before publishing them), claims a batch of rows with
 ``FOR UPDATE SKIP LOCKED`` in a short transaction (a lease, ``publish_claimed_until``), publishes them with one
 Centrifugo ``batch`` call (an idempotency key per message), and marks them published in bulk. When Centrifugo is down
 it gives the rows back and retries with a capped backoff: an outage costs no QStash retry and no 5xx. Rows a killed
@@ -17,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from whatrack.errors import PublishError, StoreError
@@ -64,14 +67,23 @@ class Publisher:
         self._wake = asyncio.Event()
         self._listener: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
+        self._unsubscribe: Callable[[], None] | None = None
         self.published = 0  # messages this publisher marked published (tests and logs)
 
     def start(self) -> None:
         if self._task is None:
+            self._unsubscribe = self.writer.on_saved(self.wake)
             self._task = asyncio.create_task(self.run(), name="whatrack-outbox-publisher")
+
+    def wake(self) -> None:
+        """Publish now (a message was just committed) rather than at the next sweep."""
+        self._wake.set()
 
     async def stop(self) -> None:
         """Stop the task (a batch in flight is abandoned: its lease brings it back) and close the listener."""
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -159,7 +171,7 @@ class Publisher:
             await self._close_listener()
 
     def _notified(self, *_: object) -> None:
-        self._wake.set()
+        self.wake()
 
     async def _close_listener(self) -> None:
         conn, self._listener = self._listener, None
