@@ -16,7 +16,10 @@ Prints, for each server: the saturation rate (closed loop, ``-c`` connections), 
 RSS, then the latency p50/p99 at a fixed offered rate below saturation (open loop, ``--open-rate``, default half the
 full endpoint's saturation rate) — and the ratio full/bare (the goal is >= 0.5).
 
-Usage: ``python bench/webhook.py [-n 5000] [-c 32] [--open-rate R]``.
+``--durable`` runs PostgreSQL with fsync on, as production does (both servers then pay for flushing their commits;
+the default, fsync off, is how the devstack runs it).
+
+Usage: ``python bench/webhook.py [-n 5000] [-c 32] [--open-rate R] [--durable]``.
 """
 
 from __future__ import annotations
@@ -222,6 +225,8 @@ def main() -> None:
     ap.add_argument("--open-rate", type=float, default=0.0, help="offered rate for the latency run (default: half "
                     "the full endpoint's saturation rate)")
     ap.add_argument("--open-seconds", type=float, default=10.0)
+    ap.add_argument("--durable", action="store_true", help="PostgreSQL with fsync on, as in production (default: "
+                    "off, as the devstack runs it)")
     ap.add_argument("--serve")
     ap.add_argument("--port", type=int)
     ap.add_argument("--db")
@@ -236,7 +241,7 @@ def main() -> None:
     from whatrack.store import Store
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-webhook-"))
-    pg = servers.EmbeddedPostgres(tmp / "pg").start()
+    pg = servers.EmbeddedPostgres(tmp / "pg", durable=a.durable).start()
     admin = pg.url
     _pin_postgres(admin)
     dbname = f"bench_webhook_{uuid.uuid4().hex[:8]}"

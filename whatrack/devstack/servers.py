@@ -295,6 +295,8 @@ class EmbeddedPostgres:
 
     workdir: Path
     port: int = 0
+    #: fsync on, as in production (the devstack turns it off: nothing there must survive a power cut)
+    durable: bool = False
     _started: bool = False
     #: The short-named directory in the temp dir that holds the server's unix socket (removed by :meth:`stop`).
     sockdir: Path | None = None
@@ -348,7 +350,8 @@ class EmbeddedPostgres:
         self.sockdir = sockdir
         try:
             run([str(bin_ / "pg_ctl"), "-D", str(pgdata), "-w", "-t", "30", "-l", str(pgdata / "server.log"),
-                 "-o", f"-h 127.0.0.1 -p {self.port} -k {sockdir} -c max_connections=200 -c fsync=off", "start"])
+                 "-o", f"-h 127.0.0.1 -p {self.port} -k {sockdir} -c max_connections=200"
+                       f"{'' if self.durable else ' -c fsync=off'}", "start"])
         except BaseException:
             shutil.rmtree(sockdir, ignore_errors=True)
             raise

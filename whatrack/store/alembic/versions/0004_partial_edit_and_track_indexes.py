@@ -20,8 +20,10 @@ which an index serves at any size; the order is kept (provider id first, JID fir
 
 And the write no longer sends ``NOTIFY whatrack_outbox``: a transaction that notified takes a database-wide lock at
 commit (PostgreSQL delivers notifications in commit order), so every webhook's commit waited for the one before it
-(measured: 2,040 -> 2,345 messages/s through the endpoint without it). The endpoint process that committed the row
-wakes its own publisher in memory (``store.write.Writer.on_saved``); other processes' publishers sweep.
+(measured with fsync on, 16 connections: 1,950 writes/s with the NOTIFY, 3,200 without; the devstack runs with
+fsync off, where the difference does not show: ``bench/notify.py``). The endpoint process that committed the row
+wakes its own publisher in memory (``store.write.Writer.on_saved``); the follow-up worker's low-rate writes still
+NOTIFY, and a dead process's rows come back by the publishers' sweep.
 """
 
 from __future__ import annotations
