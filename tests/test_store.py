@@ -574,7 +574,7 @@ async def test_postgres_stopped_mid_transaction_then_back() -> None:
         if locker is not None and not locker.closed:
             with contextlib.suppress(psycopg.Error):
                 await locker.close()
-        await asyncio.to_thread(pg.stop)
+        await asyncio.to_thread(pg.remove)  # its data directory too (as root it lives outside workdir)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
