@@ -12,6 +12,7 @@ Legacy side: a plain redis-server; target: a TLS redis-server with a generated C
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -61,6 +62,13 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=500)
     args = ap.parse_args()
     d = Path(tempfile.mkdtemp(prefix="bench-migration-"))
+    try:
+        return _run(args, d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, d: Path) -> int:
     files = tls.make_ca_and_server_cert(d / "ca")
     ca = str(files.ca)
     with servers.RedisServer(d / "legacy") as a, servers.RedisServer(d / "upstash", tls=files) as b:

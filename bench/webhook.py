@@ -30,6 +30,7 @@ import contextlib
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -283,8 +284,8 @@ def main() -> None:
                 p.terminate()
                 p.wait(10)
         servers.drop_database(admin, dbname)
-        pg.stop()
         pg.remove()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _pin_postgres(url: str) -> None:
