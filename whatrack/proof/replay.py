@@ -7,6 +7,7 @@ offline); with ``--serve`` it also runs the endpoint in-process on the port of `
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -149,7 +150,8 @@ async def replay(settings: Settings, paths: Sequence[Path] | None = None, *, tim
         started = time.perf_counter()
         ids = [await publisher.publish_webhook(b, retries=1) for b in bodies]
         states = await publisher.wait_settled(ids, timeout=timeout)
-        rows_by_pid = {r["provider_id"]: r for r in await store.message_rows()}
+        pids = {pid for b in bodies if (pid := _expectation(b)[2])}
+        rows_by_pid = await _published_rows(store, pids, timeout=PUBLISH_WAIT_S)
         out: list[ReplayRow] = []
         for f, body, qid in zip(files, bodies, ids, strict=True):
             kind, expected, pid = _expectation(body)
@@ -162,6 +164,21 @@ async def replay(settings: Settings, paths: Sequence[Path] | None = None, *, tim
     finally:
         await publisher.aclose()
         await store.aclose()
+
+
+#: Seconds a stored row may take to be published after QStash saw its delivery answered (the outbox publisher
+#: publishes after the commit; a sweep every 2 s catches what no wake-up reached).
+PUBLISH_WAIT_S = 10.0
+
+
+async def _published_rows(store: Any, pids: set[str], *, timeout: float) -> dict[str, dict[str, Any]]:
+    """The rows of ``pids`` by provider id, once every stored one is published (or ``timeout`` passes)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = {r["provider_id"]: r for r in await store.message_rows() if r["provider_id"] in pids}
+        if all(r.get("published_at") for r in rows.values()) or time.monotonic() > deadline:
+            return rows
+        await asyncio.sleep(0.1)
 
 
 def _fresh_ids(body: bytes) -> bytes:
