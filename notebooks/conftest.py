@@ -41,6 +41,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     from whatrack.devstack.stack import Stack
     from whatrack.errors import WhatrackError
     from whatrack.runs.execute import secret_pairs
+    from whatrack.runs.record import LAB_DIR_ENV
     from whatrack.settings import Settings
 
     stack = Stack(Path(tempfile.mkdtemp(prefix="whatrack-nbval-")))
@@ -53,6 +54,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     _state.update(stack=stack, saved=dict(os.environ),
                   secrets=secret_pairs(Settings.from_env(env, env_files=())))
     os.environ.update(env)
+    # The phases' results of this session only (phase 90 reads them), not what an earlier one left in runs/lab.
+    os.environ[LAB_DIR_ENV] = str(stack.dir / "lab")
 
 
 def leaks(outputs: list[Any], secrets: list[tuple[str | None, str]], workdir: Path) -> list[str]:

@@ -2,7 +2,7 @@
 :func:`load_results` of the other phases (re-exported by :mod:`whatrack.runs.execute`, which notebooks import).
 
 Inside a ``whatrack run`` kernel the working directory is the phase's directory in the run (the runner leaves
-:data:`PHASE_MARKER` there); elsewhere (JupyterLab) results go to ``runs/lab/<phase>/``.
+:data:`PHASE_MARKER` there); elsewhere (JupyterLab) results go to ``runs/lab/<phase>/`` (or under ``WHATRACK_LAB_DIR``).
 """
 
 from __future__ import annotations
@@ -42,7 +42,16 @@ def _jsonable(v: Any) -> Any:
     return str(v)
 
 
+#: Where results go outside a ``whatrack run`` when set (the nbval run of the notebooks: a folder of its own, so
+#: that phase 90 judges that run's phases, never results an earlier session left in ``runs/lab``).
+LAB_DIR_ENV = "WHATRACK_LAB_DIR"
+
+
 def _lab_root() -> Path:
+    import os
+
+    if os.environ.get(LAB_DIR_ENV):
+        return Path(os.environ[LAB_DIR_ENV])
     cwd = Path.cwd()
     base = cwd.parent if cwd.name == "notebooks" else cwd
     return base / "runs" / "lab"
