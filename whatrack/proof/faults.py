@@ -105,9 +105,10 @@ async def kill_endpoint(ctx: FaultContext) -> None:
 
 def outage(part: str) -> Injector:
     async def inject(ctx: FaultContext) -> None:
+        began = ctx.progress.fraction  # the share published when it began (after the outage, it is 100 % or so)
         await asyncio.to_thread(ctx.proxy(part).outage, ctx.outage_s)
         await asyncio.sleep(ctx.outage_s)
-        ctx.notes.append(f"{part} unreachable {ctx.outage_s:g} s from {ctx.progress.fraction:.0%}")
+        ctx.notes.append(f"{part} unreachable {ctx.outage_s:g} s from {began:.0%} of the publishing")
     return inject
 
 
