@@ -255,12 +255,9 @@ async def main(quick: bool) -> None:
 
 
 if __name__ == "__main__":
-    from whatrack.cli import stop_on_sigterm
+    from whatrack.cli import run_script
 
-    stop_on_sigterm()  # SIGTERM (timeout, CI) runs the clean-up as Ctrl-C does: no server left behind
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer jobs and a 10 s idle window")
-    try:
-        asyncio.run(main(ap.parse_args().quick))
-    except KeyboardInterrupt:
-        sys.exit("interrupted: servers stopped")
+    quick = ap.parse_args().quick
+    run_script(lambda: asyncio.run(main(quick)))  # SIGTERM (timeout, CI) stops the servers it started, as Ctrl-C does

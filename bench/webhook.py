@@ -299,10 +299,6 @@ def _pin_postgres(url: str) -> None:
 
 
 if __name__ == "__main__":
-    from whatrack.cli import stop_on_sigterm
+    from whatrack.cli import run_script
 
-    stop_on_sigterm()  # SIGTERM (timeout, CI) runs the clean-up as Ctrl-C does: no server left behind
-    try:
-        main()
-    except KeyboardInterrupt:
-        sys.exit("interrupted: servers stopped")
+    run_script(main)  # SIGTERM (timeout, CI) stops the servers it started, as Ctrl-C does

@@ -11,7 +11,8 @@ import importlib
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from whatrack import __version__
 from whatrack.errors import WhatrackError
@@ -64,6 +65,17 @@ def stop_on_sigterm() -> None:
         raise KeyboardInterrupt  # as Ctrl-C does (also when SIGINT is ignored, as in a script's background job)
 
     signal.signal(signal.SIGTERM, on_term)
+
+
+def run_script(main: Callable[[], int | None]) -> NoReturn:
+    """Run a script's ``main`` (the benchmarks) as a command runs: SIGTERM acts as Ctrl-C, so its ``finally`` blocks
+    stop the servers it started; interrupted, it exits with one line instead of a traceback."""
+    stop_on_sigterm()
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted: servers stopped")
+    sys.exit(code or 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
