@@ -140,6 +140,15 @@ def tail(path: str | Path | None, n: int = 15, sep: str = "\n") -> str:
         return "(no log)"
 
 
+def accepts(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Whether something accepts TCP connections at ``host:port`` right now."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def wait_for_port(host: str, port: int, timeout: float = 10.0, *, child: Child | None = None) -> None:
     """Wait until something accepts TCP connections at ``host:port``; fail at once if ``child`` exits first.
 
@@ -148,7 +157,7 @@ def wait_for_port(host: str, port: int, timeout: float = 10.0, *, child: Child |
     """
     deadline = time.monotonic() + timeout
     while True:
-        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+        if accepts(host, port):
             return
         if child is not None and not child.alive():
             raise StackError(f"{child.name} exited (code {child.returncode()}) before answering on {host}:{port}; "

@@ -139,7 +139,9 @@ class EndpointProcess:
                 taken for ours, and a fault would kill ours, not it), or it exited or did not answer in time (with
                 its log's last lines).
         """
-        if _listening(self.port):
+        from whatrack.devstack.process import accepts
+
+        if accepts("127.0.0.1", self.port):
             raise StackError(f"port {self.port} (of WEBHOOK_PUBLIC_URL) is already taken: stop what listens there "
                              "(a `whatrack serve`?) so that this endpoint process, which the run starts, stops and "
                              "kills, is the one that answers")
@@ -198,15 +200,6 @@ class EndpointProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _listening(port: int) -> bool:
-    """Whether something accepts TCP connections on 127.0.0.1:``port``."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 # -- publishing ---------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from whatrack.runs.record import RESULTS_FILE, criterion, phase_dir
+from whatrack.runs.record import RESULTS_FILE, criterion, lab_root, phase_dir
 
 log = logging.getLogger("whatrack.runs.acceptance")
 
@@ -210,13 +210,10 @@ def judge(results: Results) -> list[dict[str, Any]]:
 # -- offline proofs of the offline-only fault scenarios ---------------------------------------------------------------
 
 def runs_root() -> Path:
-    """The directory holding the runs: the current run's parent inside a ``whatrack run`` kernel, else ``runs/`` (of
-    the repository when called from ``notebooks/``)."""
+    """The directory holding the runs: the current run's parent inside a ``whatrack run`` kernel, else the one that
+    holds the ``lab`` results (``runs/`` of the repository)."""
     here = phase_dir()
-    if here is not None:
-        return here.parent.parent
-    cwd = Path.cwd()
-    return (cwd.parent if cwd.name == "notebooks" else cwd) / "runs"
+    return here.parent.parent if here is not None else lab_root().parent
 
 
 def _recorded_at(res: Mapping[str, Any]) -> datetime | None:

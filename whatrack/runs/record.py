@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,9 +48,8 @@ def _jsonable(v: Any) -> Any:
 LAB_DIR_ENV = "WHATRACK_LAB_DIR"
 
 
-def _lab_root() -> Path:
-    import os
-
+def lab_root() -> Path:
+    """Where results go outside a ``whatrack run``: ``WHATRACK_LAB_DIR``, else ``runs/lab`` of the repository."""
     if os.environ.get(LAB_DIR_ENV):
         return Path(os.environ[LAB_DIR_ENV])
     cwd = Path.cwd()
@@ -83,7 +83,7 @@ def record(phase: str, results: Mapping[str, Any]) -> Path:
     Returns:
         The path written.
     """
-    where = phase_dir() or _lab_root() / phase
+    where = phase_dir() or lab_root() / phase
     where.mkdir(parents=True, exist_ok=True)
     payload: dict[str, Any] = {"phase": phase, "recorded": _now(), **results}
     # A criterion without evidence does not fail the phase by itself: the acceptance notebook's assert decides.
@@ -100,7 +100,7 @@ def load_results(run_dir: Path | None = None) -> dict[str, dict[str, Any]]:
     """Every phase's recorded results in a run (default: the current run, or ``runs/lab`` outside one): phase → dict."""
     if run_dir is None:
         here = phase_dir()
-        run_dir = here.parent if here else _lab_root()
+        run_dir = here.parent if here else lab_root()
     out: dict[str, dict[str, Any]] = {}
     for p in sorted(run_dir.glob(f"*/{RESULTS_FILE}")):
         out[p.parent.name] = json.loads(p.read_text(encoding="utf-8"))
