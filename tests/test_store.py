@@ -641,3 +641,35 @@ async def test_the_write_finds_rows_by_index_on_a_database_without_statistics(ma
         await asyncio.sleep(0.05)
     assert after["message"][1] - before["message"][1] >= 40, (before, after)  # the writes were counted
     assert {t: after[t][0] - before[t][0] for t in ("message", "lead")} == {"message": 0, "lead": 0}
+
+
+async def test_a_write_does_not_lock_the_instance_and_organization_rows(make_migrated_database: Any) -> None:
+    """Migration 0005: the message has no foreign keys to its organization and instance, whose single rows every
+    concurrent write would otherwise lock (``FOR KEY SHARE``, a MultiXact per new locker). A transaction holding
+    both rows ``FOR UPDATE`` does not hold a write back; deleting either is still refused while messages depend on
+    it (through their conversation), and its messages stay whole."""
+    import asyncpg
+
+    from whatrack.store.write import asyncpg_dsn
+
+    url = make_migrated_database()
+    store = Store.from_url(url)
+    inst = await store.register_instance("acme", "inst-a", TOKEN, owner=OWNER)
+    await store.save_message(inst, message("FIRST"))
+    holder = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("SELECT 1 FROM instance WHERE id = $1 FOR UPDATE", inst.id)
+        await holder.execute("SELECT 1 FROM organization WHERE id = $1 FOR UPDATE", inst.organization_id)
+        stored = await asyncio.wait_for(store.save_message(inst, message("SECOND")), 10)
+        assert stored.created
+        await tx.rollback()
+        for table, row_id in (("instance", inst.id), ("organization", inst.organization_id)):
+            with pytest.raises(asyncpg.ForeignKeyViolationError, match="is still referenced"):
+                await holder.execute(f"DELETE FROM {table} WHERE id = $1", row_id)  # noqa: S608 (two fixed names)
+        assert await holder.fetchval("SELECT count(*) FROM message WHERE instance_id = $1 AND organization_id = $2",
+                                     inst.id, inst.organization_id) == 2
+    finally:
+        await holder.close()
+        await store.aclose()
