@@ -90,7 +90,8 @@ class WebhookHandler:
         """Process one delivery and return the response to give. Never raises."""
         started = time.perf_counter()
         try:
-            outcome = await asyncio.wait_for(self._handle(body, signatures, url_suffix), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):  # in this task: wait_for would start one per delivery
+                outcome = await self._handle(body, signatures, url_suffix)
         except TimeoutError:
             log.warning("[webhook] processing timed out after %.0f s (qstash id %s): 503, QStash will retry",
                         self.timeout_s, message_id)
