@@ -177,6 +177,27 @@ async def test_info_presence_channels_batch(cent: AsyncClient) -> None:
     assert [p.data for p in batch.replies[1].publications] == [{"a": 1}]
 
 
+async def test_a_batch_of_publications_keeps_order_errors_and_idempotency(centrifugo: str, cent: AsyncClient) -> None:
+    """The stand-in stores a run of publish commands as one Redis pipeline: each reply still stands in its command's
+    place, a bad command gets its own error, offsets follow the commands' order per channel, a key repeated in the
+    batch publishes once, and a command after the run sees what the run published."""
+    cmds = [{"publish": {"channel": "orda", "data": {"i": 1}, "idempotency_key": "k1"}},
+            {"publish": {"channel": "ordb", "data": {"i": 2}}},
+            {"publish": {"channel": "", "data": {"i": 0}}},
+            {"publish": {"channel": "orda", "data": {"i": 3}}},
+            {"publish": {"channel": "orda", "data": {"i": 99}, "idempotency_key": "k1"}},
+            {"history": {"channel": "orda", "limit": -1}},
+            {"publish": {"channel": "orda", "data": {"i": 4}}}]
+    async with httpx.AsyncClient() as h:
+        r = await h.post(f"{centrifugo}/batch", json={"commands": cmds}, headers={"X-API-Key": KEY})
+    replies = r.json()["replies"]
+    assert [x.get("publish", {}).get("offset") for x in replies] == [1, 1, None, 2, 1, None, 3]
+    assert replies[2] == {"error": {"code": 107, "message": "bad request"}}
+    assert [p["data"]["i"] for p in replies[5]["history"]["publications"]] == [1, 3]
+    assert [p.data["i"] for p in (await cent.history(HistoryRequest(channel="orda", limit=-1))).publications] == \
+        [1, 3, 4]
+
+
 async def test_auth_and_transport(centrifugo: str, redis_url: str) -> None:
     bad = AsyncClient(centrifugo, "wrong-key")
     with pytest.raises(CentUnauthorizedError):

@@ -31,6 +31,7 @@ from whatrack.devstack.centrifugo.hub import (
     NOT_FOUND,
     ApiError,
     Hub,
+    Publication,
     compact,
 )
 
@@ -84,13 +85,20 @@ class ServerApi:
 
     # -- methods --------------------------------------------------------------------------------------------------
 
-    async def _publish_one(self, channel: str, params: dict[str, Any], data: str) -> dict[str, Any]:
+    def _publication(self, params: dict[str, Any], channel: str | None = None,
+                     data: str | None = None) -> Publication:
+        """A publish command's parameters, checked (Centrifugo's error for the first thing wrong)."""
+        channel = _channel(params) if channel is None else channel
+        data = publication_data(params) if data is None else data
         ns = self.hub.namespace(channel)
         tags = params.get("tags") or {}
         if not isinstance(tags, dict):
             raise ApiError(*BAD_REQUEST)
-        return await self.hub.publish(channel, ns, data, tags=tags, skip_history=bool(params.get("skip_history")),
-                                      idempotency_key=str(params.get("idempotency_key") or ""))
+        return Publication(channel, ns, data, tags, bool(params.get("skip_history")),
+                           str(params.get("idempotency_key") or ""))
+
+    async def _publish_one(self, channel: str, params: dict[str, Any], data: str) -> dict[str, Any]:
+        return (await self.hub.publish_many([self._publication(params, channel, data)]))[0]
 
     async def publish(self, params: dict[str, Any]) -> dict[str, Any]:
         channel = _channel(params)
@@ -184,18 +192,32 @@ class ServerApi:
         if not isinstance(commands, list):
             raise ApiError(*BAD_REQUEST)
         replies: list[dict[str, Any]] = []
+        pending: list[tuple[int, Publication]] = []  # a run of publish commands: stored in one Redis round trip
+
+        async def flush() -> None:
+            for (i, _), result in zip(pending, await self.hub.publish_many([pub for _, pub in pending]), strict=True):
+                replies[i] = {"publish": result}
+            pending.clear()
+
         for cmd in commands:
             if not isinstance(cmd, dict) or len(cmd) != 1:
                 replies.append({"error": {"code": BAD_REQUEST[0], "message": BAD_REQUEST[1]}})
                 continue
             (method, p), = cmd.items()
+            params = p if isinstance(p, dict) else {}
             fn = self.methods.get(method)
             try:
                 if fn is None:
                     raise ApiError(*NOT_FOUND)
-                replies.append({method: await fn(p if isinstance(p, dict) else {})})
+                if method == "publish":
+                    pending.append((len(replies), self._publication(params)))
+                    replies.append({})
+                    continue
+                await flush()  # what came before this command happens before it
+                replies.append({method: await fn(params)})
             except ApiError as e:
                 replies.append({"error": {"code": e.code, "message": e.message}})
+        await flush()
         return {"replies": replies}
 
     async def call(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
