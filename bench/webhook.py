@@ -141,8 +141,10 @@ def centrifugo_process(tmp: Path) -> Iterator[str]:
         try:
             servers.wait_for_port("127.0.0.1", port, timeout=30)
             pin(proc.pid, OTHER_CPU)
+            SIDES["centrifugo"] = [proc.pid]
             if redis_server.proc:
                 pin(redis_server.proc.pid, OTHER_CPU)
+                SIDES["centrifugo"].append(redis_server.proc.pid)
             yield f"http://127.0.0.1:{port}/api"
         finally:
             proc.terminate()
@@ -173,23 +175,46 @@ def pct(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(len(sorted_values) * q))] * 1e3
 
 
+#: The processes besides the server whose CPU a run is charged (their pids): PostgreSQL, the Centrifugo stand-in.
+SIDES: dict[str, list[int]] = {}
+
+
+def side_cpu() -> dict[str, float]:
+    """CPU seconds used so far by each side's processes (PostgreSQL: the postmaster and its backends)."""
+    import psutil
+
+    out: dict[str, float] = {}
+    for name, pids in SIDES.items():
+        total = 0.0
+        for pid in pids:
+            with contextlib.suppress(psutil.Error):
+                p = psutil.Process(pid)
+                for q in [p, *p.children(recursive=True)]:
+                    with contextlib.suppress(psutil.Error):
+                        total += sum(q.cpu_times()[:2])
+        out[name] = total
+    return out
+
+
 def measure(kind: str, port: int, proc: subprocess.Popen[bytes], n: int, connections: int, tmp: Path) -> dict[str, Any]:
     import psutil
 
     drive(port, signed(port, 300), connections, 0, tmp)  # warm: pools, prepared statements, caches
     ps = psutil.Process(proc.pid)
-    cpu0, cores0 = sum(ps.cpu_times()[:2]), psutil.cpu_times(percpu=True)
+    cpu0, cores0, sides0 = sum(ps.cpu_times()[:2]), psutil.cpu_times(percpu=True), side_cpu()
     r = drive(port, signed(port, n), connections, 0, tmp)
     cpu = sum(ps.cpu_times()[:2]) - cpu0
+    sides = {k: (v - sides0[k]) / n * 1e3 for k, v in side_cpu().items()}
     # Busy share of each CPU over the run: which side (the server's CPU, or the one PostgreSQL shares) saturated.
     busy = [1 - (c1.idle - c0.idle) / max(1e-9, sum(c1) - sum(c0)) for c0, c1 in
             zip(cores0, psutil.cpu_times(percpu=True), strict=True)]
     ok = r["statuses"].get("200", 0)
     out = {"rate": n / r["elapsed"], "cpu_ms": cpu / n * 1e3, "rss_mb": ps.memory_info().rss / 2**20,
-           "ok": ok, "other": n - ok, "client_cpu_ms": r["cpu_s"] / n * 1e3, "busy": busy}
+           "ok": ok, "other": n - ok, "client_cpu_ms": r["cpu_s"] / n * 1e3, "busy": busy, "sides": sides}
     print(f"{kind:>4}: {out['rate']:8.0f} msg/s saturated (c={connections}, n={n})  server CPU "
           f"{out['cpu_ms']:.2f} ms/msg  RSS {out['rss_mb']:.0f} MB  non-200 {out['other']}  "
-          f"(client CPU {out['client_cpu_ms']:.3f} ms/msg; CPUs busy "
+          f"(CPU ms/msg: {' '.join(f'{k} {v:.3f}' for k, v in sides.items())} client {out['client_cpu_ms']:.3f}; "
+          f"CPUs busy "
           f"{' '.join(f'{i}:{b:.0%}' for i, b in enumerate(busy))})")
     return out
 
@@ -296,6 +321,7 @@ def _pin_postgres(url: str) -> None:
     for c in psutil.net_connections("tcp"):
         if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid:
             pin(c.pid, OTHER_CPU)
+            SIDES["postgres"] = [c.pid]
 
 
 if __name__ == "__main__":
