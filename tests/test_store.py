@@ -673,3 +673,47 @@ async def test_a_write_does_not_lock_the_instance_and_organization_rows(make_mig
     finally:
         await holder.close()
         await store.aclose()
+
+
+async def test_writes_that_arrive_together_commit_together_each_with_its_own_outcome(
+        make_migrated_database: Any) -> None:
+    """Deliveries that arrive while a write is in flight go in the next write together (one round trip, one
+    commit). Each caller still gets its own outcome: a twin delivery of a message in the same write is a duplicate,
+    a value PostgreSQL cannot hold fails only its own delivery, and the others are stored."""
+    url = make_migrated_database()
+    store = Store.from_url(url)
+
+    def chat(i: int) -> dict[str, str]:
+        return {"lead_phone": f"55119{i % 3:08d}", "lead_jid": f"55119{i % 3:08d}@s.whatsapp.net"}
+
+    async def query(sql: str) -> Any:
+        async with store.engine.connect() as conn:
+            return (await conn.execute(text(sql))).one()
+
+    try:
+        assert store.writer is not None
+        store.writer.flights = 1  # one write in flight: everything that arrives meanwhile waits for the next
+        inst = await store.register_instance("acme", "inst-a", TOKEN, owner=OWNER)
+        await store.save_message(inst, message("WARM"))  # the pool's connection is open
+
+        events = [message(f"TOGETHER{i:02d}", **chat(i)) for i in range(12)]
+        events.insert(5, events[2])  # the same delivery twice, in the same write
+        got = await asyncio.gather(*(store.save_message(inst, ev) for ev in events))
+        assert sorted(g.external_id for g in got if g.created) == [f"TOGETHER{i:02d}" for i in range(12)]
+        assert [g.external_id for g in got if not g.created] == ["TOGETHER02"]
+        assert len({g.message_id for g in got}) == 12
+        # rows of one transaction share its id (xmin): one or two transactions (the first delivery may go alone)
+        count, transactions = await query("SELECT count(*), count(DISTINCT xmin::text) FROM message "
+                                          "WHERE external_id LIKE 'TOGETHER%'")
+        assert count == 12 and transactions <= 2
+        assert (await query("SELECT count(*) FROM lead"))[0] == 1 + 3  # WARM's lead and three others, once each
+
+        events = [message(f"AFTER{i:02d}", **chat(i)) for i in range(6)]
+        events.insert(3, message("HUGE", type="image", media=Media(size_bytes=2**70)))
+        got = await asyncio.gather(*(store.save_message(inst, ev) for ev in events), return_exceptions=True)
+        assert isinstance(got[3], PayloadError) and got[3].reason == "unstorable_value"
+        assert all(not isinstance(g, BaseException) and g.created for i, g in enumerate(got) if i != 3)
+        after = await query("SELECT count(*) FROM message WHERE external_id LIKE 'AFTER%' OR external_id = 'HUGE'")
+        assert after[0] == 6
+    finally:
+        await store.aclose()

@@ -1,7 +1,9 @@
 """The store's hot path on PostgreSQL: each webhook write as one asyncpg prepared statement, one commit.
 
 A message is one call of ``whatrack_save_message`` (migrations 0003, 0004): lead, conversation, open ticket,
-message, a pending edit and the conversation touch in one round trip. Receipts, instance status and the instance
+message, a pending edit and the conversation touch in one round trip. Under load, the messages that arrive while
+earlier writes are in flight share the next round trip and commit (``fetchmany``: one pipeline, one implicit
+transaction), each caller answered only after that commit. Receipts, instance status and the instance
 lookup are one statement each. The realtime outbox (unpublished rows) is claimed, marked and released here too, for
 ``webhook.publisher``. The SQLAlchemy ``Store`` keeps everything else (schema, CLI, reports) and routes these calls
 here on PostgreSQL.
@@ -83,6 +85,13 @@ UPDATE message SET publish_claimed_until = CASE WHEN $2 > 0 THEN clock_timestamp
 
 DEPTH = "SELECT count(*) FROM message WHERE published_at IS NULL"
 
+#: Most message writes in one round trip and one commit. Under load, deliveries that arrive while earlier writes are
+#: in flight go together: PostgreSQL's CPU per message falls from 0.207 to 0.120 ms in transactions of 20 (one
+#: connection, ``fetchmany``), the commit and the round trip being shared. A lone delivery is written at once.
+BATCH_MAX = 32
+#: Message writes in flight at once per process (each on its own pooled connection).
+FLIGHTS = 4
+
 #: Errors that mean the connection, not the statement, failed: the pool replaces it, the call is tried again.
 _LOST = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, ConnectionError)
 #: The server refused the credentials (28000 and 28P01) or the database (3D000): configuration, not an outage.
@@ -118,11 +127,16 @@ async def _reset(conn: asyncpg.Connection) -> None:
         await conn.execute("ROLLBACK")
 
 
+def _settle(f: asyncio.Future[Any], e: BaseException) -> None:
+    if not f.done():
+        f.set_exception(e)
+
+
 class Writer:
     """An asyncpg pool on one PostgreSQL database, opened on first use (inside the running event loop)."""
 
-    def __init__(self, url: str, *, safe_url: str, pool_size: int = 10,
-                 statement_timeout_ms: int | None = None) -> None:
+    def __init__(self, url: str, *, safe_url: str, pool_size: int = 10, statement_timeout_ms: int | None = None,
+                 batch_max: int = BATCH_MAX, flights: int = FLIGHTS) -> None:
         self._dsn = asyncpg_dsn(url)
         self.safe_url = safe_url
         self._size = pool_size
@@ -132,6 +146,10 @@ class Writer:
         self._pool: asyncpg.Pool | None = None
         self._opening = asyncio.Lock()
         self._saved: list[Callable[[], None]] = []
+        self.batch_max = batch_max
+        self.flights = flights
+        self._pending: list[tuple[tuple[Any, ...], asyncio.Future[dict[str, Any]]]] = []
+        self._flying: set[asyncio.Task[None]] = set()
 
     def on_saved(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` after each commit that stored a new message (the outbox publisher's wake-up); returns
@@ -190,17 +208,65 @@ class Writer:
 
     async def save_message(self, org: int, inst: int, lead: tuple[str, str | None, str | None, bool],
                            new_message: bool, values: dict[str, Any]) -> dict[str, Any]:
-        """One call of ``whatrack_save_message``: the message's stored columns plus ``created``."""
+        """One call of ``whatrack_save_message``, committed: the message's stored columns plus ``created``.
+
+        Deliveries that arrive while :attr:`flights` writes are in flight wait and go together in the next one (up
+        to :attr:`batch_max`: one round trip, one commit; see :data:`BATCH_MAX`). Each caller still returns only after
+        the commit that holds its message, and gets its own result or error.
+
+        Raises:
+            PayloadError: a value the database can never hold (only this message's caller gets it).
+            StoreError: the database failed; nothing of this message was written.
+        """
         args = (org, inst, *lead, new_message, *(values[c] for c in MESSAGE_COLUMNS))
+        done: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending.append((args, done))
+        if len(self._flying) < self.flights:
+            task = asyncio.create_task(self._fly(), name="whatrack-store-write")
+            self._flying.add(task)
+            task.add_done_callback(self._flying.discard)
+        return await done
 
-        async def call(conn: asyncpg.Connection) -> dict[str, Any]:
-            return dict(await conn.fetchrow(SAVE_MESSAGE, *args))
+    async def _fly(self) -> None:
+        """Write what is pending, a batch at a time, until nothing is."""
+        while self._pending:
+            batch = [(a, f) for a, f in self._pending[:self.batch_max] if not f.done()]  # done: its caller gave up
+            del self._pending[:self.batch_max]
+            if batch:
+                await self._write(batch)
 
-        row = await self.run("save_message", call)
-        if row["created"]:
+    async def _write(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[dict[str, Any]]]]) -> None:
+        # One lock order for every batch (by chat): two batches holding each other's conversation rows would deadlock.
+        # The sort is stable, so a chat's messages keep their order (an edit after its message).
+        batch.sort(key=lambda item: (item[0][1], item[0][2] or ""))
+        try:
+            if len(batch) == 1:
+                rows = [await self.run("save_message", lambda conn: conn.fetchrow(SAVE_MESSAGE, *batch[0][0]))]
+            else:  # one pipeline, one implicit transaction: all of them or none
+                rows = await self.run("save_message", lambda conn: conn.fetchmany(SAVE_MESSAGE, [a for a, _ in batch]))
+        except PayloadError as e:
+            if len(batch) == 1:
+                _settle(batch[0][1], e)
+                return
+            for item in batch:  # one of them cannot be stored: find which, without holding the others back
+                await self._write([item])
+            return
+        except asyncio.CancelledError:  # the loop is shutting down: none of them is known to be written
+            for _, f in batch:
+                _settle(f, StoreError("database write abandoned: the process is stopping"))
+            raise
+        except Exception as e:  # StoreError (or StoreAuthError): the same for all of them
+            for _, f in batch:
+                _settle(f, e)
+            return
+        created = False
+        for (_, f), row in zip(batch, rows, strict=True):
+            created = created or row["created"]
+            if not f.done():
+                f.set_result(dict(row))
+        if created:
             for wake in self._saved:
                 wake()
-        return row
 
     async def apply_receipt(self, inst: int, ids: list[str], status: str, at: datetime, timestamps: tuple[bool, bool],
                             sources: tuple[str, ...]) -> int:
