@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -46,8 +45,6 @@ LEASE_S = 30.0
 SWEEP_S = 2.0
 #: Retry backoff after a failure (Centrifugo or the database): doubles from the first value up to the cap.
 BACKOFF_S = (0.2, 5.0)
-#: Seconds between two updates of the outbox depth gauge (the sweep drains at least every SWEEP_S).
-DEPTH_EVERY_S = 1.0
 #: Seconds before a row Centrifugo refused (not an outage: e.g. an unknown namespace) is tried again.
 REFUSED_RETRY_S = 60.0
 
@@ -74,7 +71,6 @@ class Publisher:
         self._listener: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
         self._unsubscribe: Callable[[], None] | None = None
-        self._depth_at = float("-inf")
         self.published = 0  # messages this publisher marked published (tests and logs)
 
     def start(self) -> None:
@@ -160,12 +156,8 @@ class Publisher:
         return len(lags)
 
     async def _observe_depth(self) -> None:
-        """Update the outbox depth gauge, at most once per :data:`DEPTH_EVERY_S` (a count after each of hundreds of
-        drains a second would cost the database more than it tells)."""
-        now = time.monotonic()
-        if self.metrics is None or now - self._depth_at < DEPTH_EVERY_S:
+        if self.metrics is None:
             return
-        self._depth_at = now
         with contextlib.suppress(StoreError):
             self.metrics.outbox_depth.set(await self.writer.depth())
 
