@@ -249,7 +249,8 @@ class Writer:
                 _settle(batch[0][1], e)
                 return
             for item in batch:  # one of them cannot be stored: find which, without holding the others back
-                await self._write([item])
+                if not item[1].done():  # done: its caller gave up meanwhile
+                    await self._write([item])
             return
         except asyncio.CancelledError:  # the loop is shutting down: none of them is known to be written
             for _, f in batch:
