@@ -148,20 +148,6 @@ async def test_schedule_refuses_bad_input_and_writes_nothing(queue: Queue, redis
         assert r.keys("bull:*") == []
 
 
-@pytest.fixture
-def _root_logging() -> Any:
-    """``cli.main`` points the root logger at this test's captured stderr (``logs.configure``); put the handlers
-    back after the test, or later tests log to a closed file ("I/O operation on closed file")."""
-    import logging
-
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
-@pytest.mark.usefixtures("_root_logging")
 def test_cli_schedule(redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("UPSTASH_REDIS_URL", redis_url)
     rc = cli.main(["followup", "schedule", "--organization-id", "1", "--instance-id", "2", "--lead-id", "3",
@@ -171,7 +157,6 @@ def test_cli_schedule(redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: p
         assert r.zscore("bull:followup:delayed", "manual-1") is not None
 
 
-@pytest.mark.usefixtures("_root_logging")
 def test_cli_errors_name_the_fix(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     rc = cli.main(["followup", "schedule", "--organization-id", "1", "--instance-id", "2", "--lead-id", "3",
                    "--text", "x", "--in", "10m"])

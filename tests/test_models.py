@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -141,17 +140,6 @@ def test_realtime_payload_shape() -> None:
 # -- commands -------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def root_logging() -> Iterator[None]:
-    """``cli.main`` configures the root logger; put it back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
-@pytest.mark.usefixtures("root_logging")
 def test_instances_and_db_commands(db_url: str, monkeypatch: pytest.MonkeyPatch,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("DATABASE_URL", db_url)
@@ -192,7 +180,6 @@ def test_instances_and_db_commands(db_url: str, monkeypatch: pytest.MonkeyPatch,
     assert "--token-env" in err and TOKEN not in err
 
 
-@pytest.mark.usefixtures("root_logging")
 def test_commands_need_database_url(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["db", "upgrade"]) == 2
     assert "DATABASE_URL" in capsys.readouterr().err
