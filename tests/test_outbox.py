@@ -266,3 +266,41 @@ def test_cent_reads_a_batch_reply_with_models_built_once() -> None:
     batch = BatchRequest(requests=[PublishRequest(channel=f"c:{i}", data={"i": i}) for i in range(3)], parallel=True)
     reply = batch.parse_response(json.dumps({"replies": [{"publish": {"offset": i, "epoch": "e"}} for i in range(3)]}))
     assert [r.offset for r in reply.result.replies] == [0, 1, 2]
+
+
+def test_a_batch_reply_is_read_as_cent_reads_it_with_adapters_built_once() -> None:
+    """``realtime._Batch`` reads a batch reply with one adapter per reply type (cent 5.2 builds one per command):
+    the same result as cent's own ``BatchRequest``, a refused command still a ``KeyError`` (the per-item fallback's
+    cue), a reply that is not JSON a ``CentDecodeError``."""
+    from cent import BatchRequest, CentDecodeError, PublishRequest
+
+    from whatrack.realtime import _ADAPTERS, _Batch
+
+    requests = [PublishRequest(channel=f"c:{i}", data={"i": i}) for i in range(3)]
+    content = json.dumps({"replies": [{"publish": {"offset": i, "epoch": f"e{i}"}} for i in range(3)]})
+    ours = _Batch(requests=requests, parallel=True).parse_response(content)
+    cents = BatchRequest(requests=requests, parallel=True).parse_response(content)
+    assert ours.model_dump() == cents.model_dump()
+    assert [(r.offset, r.epoch) for r in ours.result.replies] == [(0, "e0"), (1, "e1"), (2, "e2")]
+    adapters = dict(_ADAPTERS)
+    _Batch(requests=requests, parallel=True).parse_response(content)
+    assert _ADAPTERS == adapters and all(_ADAPTERS[t] is a for t, a in adapters.items())  # built once, reused
+    refused = json.dumps({"replies": [{"publish": {"offset": 1}}, {"error": {"code": 102, "message": "unknown"}}]})
+    with pytest.raises(KeyError):
+        _Batch(requests=requests[:2], parallel=True).parse_response(refused)
+    with pytest.raises(CentDecodeError):
+        _Batch(requests=requests, parallel=True).parse_response("<html>bad gateway</html>")
+
+
+async def test_a_batch_with_a_refused_publication_reports_which_and_publishes_the_rest_once(redis_url: str) -> None:
+    async with serving(centrifugo.create_app(redis_url, CENT_KEY, NAMESPACES)) as cent_base:
+        rt = Realtime(f"{cent_base}/api", CENT_KEY)
+        try:
+            items = [("conversation:1", {"externalId": "A"}, "key-a"),
+                     ("nonamespace:1", {"externalId": "B"}, "key-b"),  # a namespace Centrifugo does not have
+                     ("conversation:1", {"externalId": "C"}, "key-c")]
+            assert await rt.publish_batch(items) == [True, False, True]
+            assert await rt.publish_batch([items[0], items[2]]) == [True, True]  # again: idempotent
+            assert [p["externalId"] for p in await rt.history("conversation:1")] == ["A", "C"]
+        finally:
+            await rt.aclose()

@@ -11,6 +11,7 @@ with ``CENTRIFUGO_TOKEN_HMAC_SECRET_KEY``, Centrifugo's ``client.token.hmac_secr
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any, Protocol
@@ -20,10 +21,13 @@ from cent import (
     AsyncClient,
     BatchRequest,
     CentApiResponseError,
+    CentDecodeError,
     CentError,
     HistoryRequest,
     PublishRequest,
 )
+from cent.dto import BatchResult, CentResult, Response
+from pydantic import TypeAdapter, ValidationError
 
 from whatrack.errors import ConfigError, PublishError
 from whatrack.settings import Settings
@@ -53,6 +57,37 @@ def _complete_cent_models() -> tuple[type, ...]:
 
 
 _CENT_MODELS = _complete_cent_models()
+
+#: One pydantic ``TypeAdapter`` per reply type, built on first use (see :class:`_Batch`).
+_ADAPTERS: dict[Any, TypeAdapter[Any]] = {}
+
+
+def _adapter(t: Any) -> TypeAdapter[Any]:
+    a = _ADAPTERS.get(t)
+    if a is None:
+        a = _ADAPTERS[t] = TypeAdapter(t)
+    return a
+
+
+class _Batch(BatchRequest):
+    """cent's ``BatchRequest``, its reply read with adapters built once instead of one new ``TypeAdapter`` per reply.
+
+    cent 5.2 (``dto._validate_batch``) makes a ``TypeAdapter`` for each command of a batch reply, and each one
+    builds its validator again (about 10 us): 4.5 % of the endpoint's CPU at saturation, profiled (a 300-publication
+    batch, 3 ms). The reply is read by the same rules and gives the same result: each command's reply validated as
+    its result type, a reply that is an error (no result under the command's name) a ``KeyError``, as in cent.
+    """
+
+    def parse_response(self, content: str) -> Response[CentResult]:
+        try:
+            data = json.loads(content)
+            replies = [_adapter(r.__returning__).validate_python(j[r.__api_method__])
+                       for r, j in zip(self.requests, data["replies"], strict=False)]
+            response: Response[CentResult] = _adapter(Response[BatchResult]).validate_python(
+                {"result": {"replies": replies}})
+        except (ValueError, ValidationError) as err:  # not JSON, or a reply that is not its result type
+            raise CentDecodeError from err
+        return response
 
 #: Seconds per call: a realtime server slower than this fails the webhook (5xx) so QStash retries later, rather
 #: than holding the delivery until QStash's own timeout.
@@ -158,7 +193,7 @@ class Realtime:
             return []
         requests = [PublishRequest(channel=c, data=d, idempotency_key=k[:256]) for c, d, k in items]
         try:
-            await self._client.batch(BatchRequest(requests=requests, parallel=True))
+            await self._client.batch(_Batch(requests=requests, parallel=True))
             return [True] * len(items)
         except (OSError, TimeoutError) as e:
             raise PublishError(f"Centrifugo unreachable: {type(e).__name__}") from e
