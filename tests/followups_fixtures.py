@@ -15,7 +15,8 @@ from followups_support import RealtimeForTests, StoreForTests, UazapiClientForTe
 
 from whatrack.devstack import servers
 from whatrack.followups.jobs import JOB_NAME, FollowupJob, open_queue, pooled_client
-from whatrack.followups.worker import FollowupWorker, WorkerContext, process_followup
+from whatrack.followups.process import WorkerContext, process_followup
+from whatrack.followups.worker import FollowupWorker
 
 ORG, INST, LEAD, PHONE = 1, 2, 3, "5511988887777"
 

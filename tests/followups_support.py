@@ -35,7 +35,7 @@ from starlette.routing import Route
 from whatrack.devstack.servers import free_port, wait_for_port
 from whatrack.errors import PublishError, SendError, StoreError
 from whatrack.followups.jobs import KEY_PREFIX, MAX_STALLED_COUNT, QUEUE_NAME
-from whatrack.followups.worker import WorkerContext
+from whatrack.followups.process import WorkerContext
 from whatrack.settings import Settings
 
 P = "t:"  # every key these doubles write starts with it

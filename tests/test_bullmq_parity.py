@@ -32,7 +32,7 @@ from followups_fixtures import (  # noqa: F401  (fixtures)
 from followups_support import StoreForTests, UazapiStandIn
 
 from whatrack.followups.jobs import ATTEMPTS, BACKOFF, JOB_NAME, FollowupJob, schedule_followup, to_iso
-from whatrack.followups.worker import WorkerContext, process_followup
+from whatrack.followups.process import WorkerContext, process_followup
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_DIR = ROOT / "tests" / "node"

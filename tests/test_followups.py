@@ -47,7 +47,8 @@ from whatrack.followups.jobs import (
     sent_key,
     to_iso,
 )
-from whatrack.followups.worker import FollowupWorker, WorkerContext, may_have_been_sent, process_followup
+from whatrack.followups.process import WorkerContext, may_have_been_sent, process_followup
+from whatrack.followups.worker import FollowupWorker
 
 TESTS = Path(__file__).resolve().parent
 WIRE = {"organizationId": ORG, "instanceId": INST, "leadId": LEAD, "text": "Oi! 😀 ainda tem interesse?",
@@ -508,7 +509,7 @@ async def test_real_store_finds_the_cut_attempts_echo_and_sends_the_unsent_job_o
     from store_helpers import OWNER, T0, TOKEN, message
 
     from whatrack.devstack.uazapi_server import Instance, outbound_echo
-    from whatrack.followups.worker import TRACK_SOURCE
+    from whatrack.followups.process import TRACK_SOURCE
     from whatrack.store.api import Store
     from whatrack.uazapi.client import UazapiClient
     from whatrack.uazapi.normalizer import normalize, parse_body

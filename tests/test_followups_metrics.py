@@ -38,7 +38,7 @@ from whatrack.devstack import servers
 from whatrack.devstack.stack import Stack
 from whatrack.followups.jobs import FollowupJob, pooled_client
 from whatrack.followups.monitor import QueueMonitor, is_connection_error
-from whatrack.followups.worker import WorkerContext
+from whatrack.followups.process import WorkerContext
 from whatrack.metrics import Metrics
 
 TESTS = Path(__file__).resolve().parent
