@@ -41,7 +41,8 @@ def _function_source() -> str:
     import runpy
 
     versions = ROOT / "whatrack" / "store" / "alembic" / "versions"
-    text = str(runpy.run_path(str(versions / "0004_partial_edit_and_track_indexes.py"))["SAVE_MESSAGE"])
+    text = str(runpy.run_path(str(versions / "0006_message_write_claims_for_its_publisher.py"))
+               ["save_message_function"]())
     marker = "        ELSE  -- a concurrent delivery of the same message won"
     assert marker in text and "pg_notify" not in text, "the function changed: update bench/notify.py"
     text = text.replace("whatrack_save_message(", f"{NOTIFYING}(", 1)
@@ -68,7 +69,8 @@ async def measure(dsn: str, n: int, connections: int, rounds: int) -> None:
         v.update(provider_id=f"bench:{mid}", external_id=mid, direction="inbound", sender_type="LEAD", type="text",
                  raw_type="conversation", content=f"bench {i}", media_voice=False, sent_by_api=False,
                  status="delivered", sent_at=now, delivered_at=now)
-        return (org, inst, f"{phone}@s.whatsapp.net", phone, "Lead", False, True, *(v[k] for k in MESSAGE_COLUMNS))
+        return (org, inst, f"{phone}@s.whatsapp.net", phone, "Lead", False, True, *(v[k] for k in MESSAGE_COLUMNS),
+                0.0)  # unclaimed (the claim for an in-process publisher is the same in both legs)
 
     async def leg(query: str) -> float:
         todo = iter(range(n))

@@ -304,3 +304,111 @@ async def test_a_batch_with_a_refused_publication_reports_which_and_publishes_th
             assert [p["externalId"] for p in await rt.history("conversation:1")] == ["A", "C"]
         finally:
             await rt.aclose()
+
+
+async def _claims(store: Store) -> dict[str, bool]:
+    """External id -> whether the row is claimed now (its lease runs)."""
+    assert store.writer is not None
+    pool = await store.writer.pool()
+    got = await pool.fetch("SELECT external_id, coalesce(publish_claimed_until > clock_timestamp(), false) AS claimed "
+                           "FROM message")
+    return {r["external_id"]: r["claimed"] for r in got}
+
+
+async def test_a_process_publishes_what_it_writes_from_memory_without_claiming_it_again(
+        store: Store, inst: InstanceRef, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert store.writer is not None
+    writer = store.writer
+    claimed: list[str] = []
+    claim = writer.claim
+
+    async def spied_claim(limit: int, lease_s: float) -> list[dict[str, Any]]:
+        got = await claim(limit, lease_s)
+        claimed.extend(r["external_id"] for r in got)
+        return got
+
+    monkeypatch.setattr(writer, "claim", spied_claim)
+    await store.save_message(inst, message("BEFORE"))  # no publisher yet: written unclaimed, for any publisher
+    assert await _claims(store) == {"BEFORE": False}
+    async with serving(centrifugo.create_app(redis_url, CENT_KEY, NAMESPACES)) as cent_base:
+        rt = CountingRealtime(f"{cent_base}/api", CENT_KEY)
+        publisher = Publisher(writer, rt, **FAST)
+        publisher.start()
+        try:
+            await wait_published(store)
+            for i in range(40):
+                await store.save_message(inst, message(f"MINE{i:02d}"))
+            await store.save_message(inst, message("MINE00"))  # a redelivery: stored once, published once
+            rows = await wait_published(store)
+        finally:
+            await publisher.stop()
+            await rt.aclose()
+        expected = sorted(["BEFORE", *(f"MINE{i:02d}" for i in range(40))])
+        assert claimed == ["BEFORE"]  # the process's own rows were never claimed again
+        assert sorted(rt.keys) == [f"msg:{OWNER}:{x}" for x in expected]  # each asked for once
+        assert sorted(await _history(f"{cent_base}/api", rows)) == expected
+
+
+_WRITER_THEN_KILLED = """
+import asyncio, sys
+sys.path.insert(0, sys.argv[2])
+from store_helpers import TOKEN, message
+from whatrack.store.api import Store
+
+async def main() -> None:
+    store = Store.from_url(sys.argv[1])
+    inst = await store.find_instance("inst-a", TOKEN)
+    assert inst is not None and store.writer is not None
+    store.writer.publish_from_memory(lambda rows: None, float(sys.argv[3]))  # a publisher that never publishes
+    for i in range(5):
+        await store.save_message(inst, message(f"ORPHAN{i}"))
+    print("written", flush=True)
+    await asyncio.sleep(3600)  # killed here: its rows written claimed, never published
+
+asyncio.run(main())
+"""
+
+
+async def test_rows_a_killed_process_wrote_for_its_own_publisher_are_published_by_another(
+        store: Store, inst: InstanceRef, redis_url: str) -> None:
+    url = store.engine.url.render_as_string(hide_password=False)
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", _WRITER_THEN_KILLED, url,
+                                                str(Path(__file__).parent), "2", stdout=asyncio.subprocess.PIPE,
+                                                env=dict(os.environ))
+    assert proc.stdout is not None
+    assert (await proc.stdout.readline()).strip() == b"written"
+    os.kill(proc.pid, signal.SIGKILL)
+    await proc.wait()
+    assert await _claims(store) == {f"ORPHAN{i}": True for i in range(5)}  # claimed by the dead process
+    assert store.writer is not None
+    async with serving(centrifugo.create_app(redis_url, CENT_KEY, NAMESPACES)) as cent_base:
+        rt = CountingRealtime(f"{cent_base}/api", CENT_KEY)
+        publisher = Publisher(store.writer, rt, **FAST)
+        assert await publisher.drain() == 0  # the dead process's lease still runs
+        publisher.start()
+        try:
+            rows = await wait_published(store)  # its lease ran out: the sweep took them
+        finally:
+            await publisher.stop()
+            await rt.aclose()
+        assert sorted(await _history(f"{cent_base}/api", rows)) == [f"ORPHAN{i}" for i in range(5)]
+    assert sorted(rt.keys) == [f"msg:{OWNER}:ORPHAN{i}" for i in range(5)]
+
+
+async def test_a_stopped_publisher_gives_the_rows_it_held_back_at_once(store: Store, inst: InstanceRef) -> None:
+    assert store.writer is not None
+    rt = Realtime("http://127.0.0.1:9/api", CENT_KEY)  # never reached: the rows are given back before
+    publisher = Publisher(store.writer, rt, **FAST)
+    publisher.start()
+    try:
+        task = publisher._task
+        assert task is not None
+        task.cancel()  # the publishing task stops; the rows are still handed over to it in memory
+        for i in range(3):
+            await store.save_message(inst, message(f"HELD{i}"))
+        assert await _claims(store) == {f"HELD{i}": True for i in range(3)}  # written claimed, held in memory
+    finally:
+        await publisher.stop()
+        await rt.aclose()
+    assert await _claims(store) == {f"HELD{i}": False for i in range(3)}  # given back: any publisher takes them now
+    assert store.writer.publish_from_memory(lambda rows: None, 1.0) is not None  # and the hand-over is free again

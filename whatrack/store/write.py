@@ -1,6 +1,6 @@
 """The store's hot path on PostgreSQL: each webhook write as one asyncpg prepared statement, one commit.
 
-A message is one call of ``whatrack_save_message`` (migrations 0003, 0004): lead, conversation, open ticket,
+A message is one call of ``whatrack_save_message`` (migrations 0003, 0004, 0006): lead, conversation, open ticket,
 message, a pending edit and the conversation touch in one round trip. Under load, the messages that arrive while
 earlier writes are in flight share the next round trip and commit (``fetchmany``: one pipeline, one implicit
 transaction), each caller answered only after that commit. Receipts, instance status and the instance
@@ -45,8 +45,9 @@ MESSAGE_COLUMNS = (
     "latitude", "longitude", "location_name", "location_address", "edit_of", "reaction_to", "reply_to",
     "sent_by_api", "track_id", "status", "sent_at", "delivered_at",
 )
-SAVE_MESSAGE = (f"SELECT * FROM whatrack_save_message("  # noqa: S608 (placeholders only: $1 .. $34)
-                f"{', '.join(f'${i}' for i in range(1, 8 + len(MESSAGE_COLUMNS)))})")
+#: The last parameter (migration 0006): seconds the new row is claimed for this process's publisher (0: unclaimed).
+SAVE_MESSAGE = (f"SELECT * FROM whatrack_save_message("  # noqa: S608 (placeholders only: $1 .. $35)
+                f"{', '.join(f'${i}' for i in range(1, 9 + len(MESSAGE_COLUMNS)))})")
 
 RECEIPT = """
 UPDATE message SET status = $3::text,
@@ -146,6 +147,8 @@ class Writer:
         self._pool: asyncpg.Pool | None = None
         self._opening = asyncio.Lock()
         self._saved: list[Callable[[], None]] = []
+        self._receiver: Callable[[list[dict[str, Any]]], None] | None = None
+        self._receiver_lease_s = 0.0
         self.batch_max = batch_max
         self.flights = flights
         self._pending: list[tuple[tuple[Any, ...], asyncio.Future[dict[str, Any]]]] = []
@@ -156,6 +159,26 @@ class Writer:
         the function that unsubscribes it."""
         self._saved.append(callback)
         return lambda: self._saved.remove(callback) if callback in self._saved else None
+
+    def publish_from_memory(self, receive: Callable[[list[dict[str, Any]]], None],
+                            lease_s: float) -> Callable[[], None] | None:
+        """Hand the messages this process writes to ``receive`` (this process's outbox publisher), after their commit.
+
+        While a receiver is set, each new message is written already claimed for ``lease_s`` seconds (migration
+        0006), and its stored columns go to ``receive`` in the order written: the publisher publishes it without
+        claiming it again. A process that dies first loses nothing (the lease runs out; any publisher's sweep takes
+        the row). One receiver per writer: returns the function that removes it, or ``None`` when one is already
+        set (that caller then publishes through claims, as before).
+        """
+        if self._receiver is not None:
+            return None
+        self._receiver, self._receiver_lease_s = receive, lease_s
+
+        def remove() -> None:
+            if self._receiver is receive:
+                self._receiver, self._receiver_lease_s = None, 0.0
+
+        return remove
 
     async def pool(self) -> asyncpg.Pool:
         if self._pool is None:
@@ -218,7 +241,7 @@ class Writer:
             PayloadError: a value the database can never hold (only this message's caller gets it).
             StoreError: the database failed; nothing of this message was written.
         """
-        args = (org, inst, *lead, new_message, *(values[c] for c in MESSAGE_COLUMNS))
+        args = (org, inst, *lead, new_message, *(values[c] for c in MESSAGE_COLUMNS), self._receiver_lease_s)
         done: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending.append((args, done))
         if len(self._flying) < self.flights:
@@ -260,11 +283,18 @@ class Writer:
             for _, f in batch:
                 _settle(f, e)
             return
+        mine: list[dict[str, Any]] = []  # new rows written claimed for this process's publisher
         created = False
-        for (_, f), row in zip(batch, rows, strict=True):
-            created = created or row["created"]
+        for (args, f), row in zip(batch, rows, strict=True):
+            stored = dict(row)
+            if stored["created"]:
+                created = True
+                if args[-1] > 0:
+                    mine.append(stored)
             if not f.done():
-                f.set_result(dict(row))
+                f.set_result(stored)
+        if mine and self._receiver is not None:
+            self._receiver(mine)
         if created:
             for wake in self._saved:
                 wake()

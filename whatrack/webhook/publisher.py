@@ -1,13 +1,15 @@
 """The realtime outbox publisher: one task per endpoint process publishes committed messages to Centrifugo.
 
-The webhook answers 2xx right after its commit; the message row is the outbox (``published_at IS NULL``). This task,
-woken in memory by its own process's writes (``Writer.on_saved``: the write sends no NOTIFY, which would serialize
-every commit database-wide), by ``NOTIFY whatrack_outbox`` from other processes (the follow-up worker's writes) and by
-a periodic sweep (rows of a process that died before publishing them), claims a batch of rows with
-``FOR UPDATE SKIP LOCKED`` in a short transaction (a lease, ``publish_claimed_until``), publishes them with one
-Centrifugo ``batch`` call (an idempotency key per message), and marks them published in bulk. When Centrifugo is down
-it gives the rows back and retries with a capped backoff: an outage costs no QStash retry and no 5xx. Rows a killed
-process had claimed come back when their lease runs out, and the next sweep (of any process) publishes them.
+The webhook answers 2xx right after its commit; the message row is the outbox (``published_at IS NULL``). Rows this
+process writes are written already claimed for it (a lease, ``publish_claimed_until``, set by the insert itself) and
+handed to this task in memory after their commit (``Writer.publish_from_memory``: the write sends no NOTIFY, which
+would serialize every commit database-wide). Other rows (the follow-up worker's, announced by ``NOTIFY
+whatrack_outbox``; those of a process that died before publishing them, found by a periodic sweep; those given back
+after an outage) it claims in batches with ``FOR UPDATE SKIP LOCKED`` in a short transaction. Either way it publishes
+a batch with one Centrifugo ``batch`` call (an idempotency key per message) and marks the rows published in bulk.
+When Centrifugo is down it gives the rows back and retries with a capped backoff: an outage costs no QStash retry and
+no 5xx. Rows a killed process had claimed come back when their lease runs out, and the next sweep (of any process)
+publishes them.
 
 Safe with many processes on many hosts: SKIP LOCKED and the lease keep two publishers off the same row; a crash between
 publishing and marking republishes with the same idempotency key, which Centrifugo deduplicates.
@@ -19,6 +21,8 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +51,9 @@ SWEEP_S = 2.0
 BACKOFF_S = (0.2, 5.0)
 #: Seconds before a row Centrifugo refused (not an outage: e.g. an unknown namespace) is tried again.
 REFUSED_RETRY_S = 60.0
+#: Rows held in memory for publication, at most (beyond it, new rows are given back to the outbox and claimed later:
+#: a publisher that falls behind keeps its backlog in the database, not in memory).
+MEMORY_MAX = 10 * BATCH_SIZE
 
 
 def publication(row: dict[str, Any]) -> tuple[str, dict[str, Any], str]:
@@ -71,27 +78,48 @@ class Publisher:
         self._listener: asyncpg.Connection | None = None
         self._task: asyncio.Task[None] | None = None
         self._unsubscribe: Callable[[], None] | None = None
+        self._unreceive: Callable[[], None] | None = None
+        self._memory: deque[tuple[float, dict[str, Any]]] = deque()  # (monotonic time handed over, row)
+        self._give_back: list[int] = []  # ids of rows claimed for this process that it will not publish from memory
+        self._claimed_at = 0.0
         self.published = 0  # messages this publisher marked published (tests and logs)
 
     def start(self) -> None:
         if self._task is None:
             self._unsubscribe = self.writer.on_saved(self.wake)
+            self._unreceive = self.writer.publish_from_memory(self._receive, self.lease_s)
             self._task = asyncio.create_task(self.run(), name="whatrack-outbox-publisher")
+
+    def _receive(self, rows: list[dict[str, Any]]) -> None:
+        now = time.monotonic()
+        for row in rows:
+            if len(self._memory) < MEMORY_MAX:
+                self._memory.append((now, row))
+            else:
+                self._give_back.append(row["id"])
 
     def wake(self) -> None:
         """Publish now (a message was just committed) rather than at the next sweep."""
         self._wake.set()
 
     async def stop(self) -> None:
-        """Stop the task (a batch in flight is abandoned: its lease brings it back) and close the listener."""
+        """Stop the task (a batch in flight is abandoned: its lease brings it back), give the rows held in memory back
+        to the outbox (for the other processes' publishers, at once) and close the listener."""
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        if self._unreceive is not None:
+            self._unreceive()
+            self._unreceive = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        self._give_back += [row["id"] for _, row in self._memory]
+        self._memory.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._return_given_back(), 5)  # else their lease brings them back
         await self._close_listener()
 
     async def run(self) -> None:
@@ -117,7 +145,11 @@ class Publisher:
                 await asyncio.wait_for(self._wake.wait(), self.sweep_s)
 
     async def drain(self) -> int:
-        """Publish until nothing is left to claim; how many messages were marked published.
+        """Publish until nothing is left in memory or to claim; how many messages were marked published.
+
+        The rows handed over in memory go first; the outbox is claimed from when they run out, and at least every
+        ``sweep_s`` while they do not (rows of other processes and rows given back are not kept waiting by a
+        steady stream of this process's own).
 
         Raises:
             PublishError: Centrifugo failed (the batch's rows were given back to the outbox).
@@ -126,12 +158,44 @@ class Publisher:
         total = 0
         try:
             while True:
-                claimed = await self.writer.claim(self.batch_size, self.lease_s)
-                if not claimed:
-                    return total
-                total += await self._publish(claimed)
+                await self._return_given_back()
+                batch = self._from_memory()
+                if not batch or time.monotonic() - self._claimed_at > self.sweep_s:
+                    self._claimed_at = time.monotonic()
+                    try:
+                        claimed = await self.writer.claim(self.batch_size, self.lease_s)
+                        if claimed:
+                            total += await self._publish(claimed)
+                    except BaseException:
+                        self._give_back += [row["id"] for row in batch]  # not tried yet: back to the outbox
+                        raise
+                    if not claimed and not batch:
+                        return total
+                if batch:
+                    total += await self._publish(batch)
         finally:
             await self._observe_depth()
+
+    def _from_memory(self) -> list[dict[str, Any]]:
+        """Up to a batch of the rows handed over in memory, oldest first. A row held for half its lease is given back
+        instead: its lease could run out during the publication, and another publisher claim it meanwhile."""
+        batch: list[dict[str, Any]] = []
+        stale = time.monotonic() - self.lease_s / 2
+        while self._memory and len(batch) < self.batch_size:
+            at, row = self._memory.popleft()
+            if at < stale:
+                self._give_back.append(row["id"])
+            else:
+                batch.append(row)
+        return batch
+
+    async def _return_given_back(self) -> None:
+        if self._give_back:
+            ids, self._give_back = self._give_back, []
+            try:
+                await self.writer.release(ids)
+            except StoreError as e:  # their lease brings them back anyway
+                log.debug("[outbox] could not give %d row(s) back at once (%s); their lease will", len(ids), e)
 
     async def _publish(self, claimed: list[dict[str, Any]]) -> int:
         ids = [r["id"] for r in claimed]
