@@ -1,10 +1,10 @@
 """Channels of the Centrifugo stand-in: history streams in Redis, and the WebSocket subscribers publications go to.
 
 Each channel's stream is a Redis list (one entry per publication, trimmed to ``history_size``) plus a hash holding
-the channel's epoch and last offset, written by one Lua script per publication, so a restart loses nothing and
-concurrent publishers cannot interleave. A per-channel lock orders a publication's write and its push to
-subscribers against a subscribe's read of the stream position: a subscriber gets every publication after the
-position its subscribe reply names, exactly once and in offset order.
+the channel's epoch and last offset, written by one Lua script call per publish (or per run of publish commands in
+a batch), so a restart loses nothing and concurrent publishers cannot interleave. A per-channel lock orders a
+publication's write and its push to subscribers against a subscribe's read of the stream position: a subscriber gets
+every publication after the position its subscribe reply names, exactly once and in offset order.
 """
 
 from __future__ import annotations
@@ -47,29 +47,42 @@ class ApiError(Exception):
         self.message = message
 
 
-# Atomically: honour an idempotency key, advance the channel offset, append, trim, expire. One round trip, so two
-# publishers racing on the same key cannot both append.
+# Atomically, for each publication in order: honour an idempotency key, advance the channel offset, append, trim,
+# expire. One round trip for all of them, so two publishers racing on the same key cannot both append.
+# KEYS: meta, stream, idempotency key of each publication. ARGV: time stamp (ms), epoch candidate, idempotency TTL
+# (ms), then per publication: data, tags, history size, skip history ('1'), idempotent ('1'), history TTL (ms).
+# Returns {duplicate (0/1), result JSON} per publication, flattened.
 _PUBLISH_LUA = """
-local idem = ARGV[7] == '1'
-if idem then
-  local prev = redis.call('GET', KEYS[3])
-  if prev then return {1, prev} end
-end
-local res = '{}'
-if ARGV[6] ~= '1' then
-  local epoch = redis.call('HGET', KEYS[1], 'epoch')
-  if not epoch then
-    epoch = ARGV[5]
-    redis.call('HSET', KEYS[1], 'epoch', epoch)
+local out = {}
+for i = 0, #KEYS / 3 - 1 do
+  local meta, stream, key = KEYS[i * 3 + 1], KEYS[i * 3 + 2], KEYS[i * 3 + 3]
+  local a = 3 + i * 6
+  local idem = ARGV[a + 5] == '1'
+  local prev = false
+  if idem then prev = redis.call('GET', key) end
+  if prev then
+    out[#out + 1] = 1
+    out[#out + 1] = prev
+  else
+    local res = '{}'
+    if ARGV[a + 4] ~= '1' then
+      local epoch = redis.call('HGET', meta, 'epoch')
+      if not epoch then
+        epoch = ARGV[2]
+        redis.call('HSET', meta, 'epoch', epoch)
+      end
+      local off = redis.call('HINCRBY', meta, 'offset', 1)
+      redis.call('RPUSH', stream, off .. '\\n' .. ARGV[1] .. '\\n' .. ARGV[a + 2] .. '\\n' .. ARGV[a + 1])
+      redis.call('LTRIM', stream, -tonumber(ARGV[a + 3]), -1)
+      redis.call('PEXPIRE', stream, tonumber(ARGV[a + 6]))
+      res = '{"offset":' .. off .. ',"epoch":"' .. epoch .. '"}'
+    end
+    if idem then redis.call('SET', key, res, 'PX', tonumber(ARGV[3])) end
+    out[#out + 1] = 0
+    out[#out + 1] = res
   end
-  local off = redis.call('HINCRBY', KEYS[1], 'offset', 1)
-  redis.call('RPUSH', KEYS[2], off .. '\\n' .. ARGV[3] .. '\\n' .. ARGV[2] .. '\\n' .. ARGV[1])
-  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[4]), -1)
-  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[8]))
-  res = '{"offset":' .. off .. ',"epoch":"' .. epoch .. '"}'
 end
-if idem then redis.call('SET', KEYS[3], res, 'PX', tonumber(ARGV[9])) end
-return {0, res}
+return out
 """
 
 
@@ -145,11 +158,10 @@ class Publication:
                 f"{PREFIX}idem:{self.channel}:{self.idempotency_key}"]
 
     def argv(self) -> list[str]:
-        """The publish script's arguments (the time stamp and a fresh epoch candidate taken now)."""
+        """This publication's arguments of the publish script (after the three shared ones)."""
         skip = self.skip_history or not self.ns.history
-        return [self.data, self.tags_json, str(int(time.time() * 1000)), str(max(self.ns.history_size, 1)),
-                secrets.token_urlsafe(3)[:4], "1" if skip else "0", "1" if self.idempotency_key else "0",
-                str(int(max(self.ns.history_ttl_s, 1) * 1000)), str(IDEMPOTENCY_TTL_S * 1000)]
+        return [self.data, self.tags_json, str(max(self.ns.history_size, 1)), "1" if skip else "0",
+                "1" if self.idempotency_key else "0", str(int(max(self.ns.history_ttl_s, 1) * 1000))]
 
 
 class Hub:
@@ -191,21 +203,20 @@ class Hub:
         return (await self.publish_many([pub]))[0]
 
     async def publish_many(self, pubs: list[Publication]) -> list[dict[str, Any]]:
-        """:meth:`publish` each, in order, as one Redis pipeline of the script's calls: two round trips for a batch
-        (the pipeline checks that the script is loaded first) instead of one per publication."""
+        """:meth:`publish` each, in order, in one call of the publish script (one round trip for a batch's run of
+        publish commands; the time stamp and a fresh epoch candidate are taken now, for all of them)."""
         channels = sorted({p.channel for p in pubs})  # one order for every caller: no two batches deadlock
         async with contextlib.AsyncExitStack() as held:
             for ch in channels:
                 await held.enter_async_context(self.lock(ch))
-            if len(pubs) == 1:
-                replies = [await self._publish(keys=pubs[0].keys(), args=pubs[0].argv())]
-            else:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for p in pubs:
-                        await self._publish(keys=p.keys(), args=p.argv(), client=pipe)
-                    replies = await pipe.execute()
+            args = [str(int(time.time() * 1000)), secrets.token_urlsafe(3)[:4], str(IDEMPOTENCY_TTL_S * 1000)]
+            keys: list[str] = []
+            for p in pubs:
+                keys += p.keys()
+                args += p.argv()
+            flat = await self._publish(keys=keys, args=args)
             results: list[dict[str, Any]] = []
-            for p, (dup, res) in zip(pubs, replies, strict=True):
+            for p, dup, res in zip(pubs, flat[0::2], flat[1::2], strict=True):
                 result: dict[str, Any] = json.loads(res)
                 if not int(dup):
                     entry = Entry(int(result.get("offset", 0)), 0.0, p.tags_json, p.data)
