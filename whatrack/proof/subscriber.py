@@ -225,7 +225,8 @@ class RunSubscriber:
                 break
             self.changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), timeout=0.5)
+                async with asyncio.timeout(0.5):  # not wait_for, which can swallow a cancellation (3.11)
+                    await self.changed.wait()
         await asyncio.sleep(quiet_s)
         return build_report(rows, list(self.deliveries),
                             {ch: h.subscribed_at_offset for ch, (_, h) in self.channels.items()})

@@ -141,8 +141,11 @@ class Publisher:
                     log.exception("[outbox] unexpected failure; retrying in %.1f s", delay)
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
                 continue
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for returns instead of raising when the cancellation
+            # of stop() lands just as the wait ends, and the loop went on (stop() then waited for ever).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.sweep_s)
+                async with asyncio.timeout(self.sweep_s):
+                    await self._wake.wait()
 
     async def drain(self) -> int:
         """Publish until nothing is left in memory or to claim; how many messages were marked published.

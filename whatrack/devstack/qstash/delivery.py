@@ -176,7 +176,8 @@ class Dispatcher:
                 timeout = 0.5
             if timeout > 0:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), timeout)
+                    async with asyncio.timeout(timeout):  # not wait_for, which can swallow a cancellation (3.11)
+                        await self.wake.wait()
                     await asyncio.sleep(COALESCE_S)
 
     async def _pass(self) -> float:
