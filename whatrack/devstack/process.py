@@ -111,7 +111,10 @@ def stop_all(children: Sequence[Child], *, grace: float = GRACE_S) -> list[Child
         if not gone:
             log.warning("%s (pid %d) still running %.0f s after signal %d: SIGKILL", c.name, c.pid, grace, c.first)
             _signal(c.pid, signal.SIGKILL, group=c.group)
-            _wait_gone(c.pid, c.started, c.proc, time.monotonic() + 5)
+            killed = time.monotonic() + 5
+            _wait_gone(c.pid, c.started, c.proc, killed)
+            while c.group and _group_alive(c.pid) and time.monotonic() < killed:  # SIGKILL takes effect, not at once
+                time.sleep(0.02)
     return running
 
 
