@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,27 @@ _SETTING_NAMES = (
     "UAZAPI_BASE_URL", "WEBHOOK_PUBLIC_URL", "LEGACY_REDIS_URL", "WHATRACK_REDIS_CA_BUNDLE", "WHATRACK_MODE",
     *SECRET_ENV_NAMES,
 )
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Ctrl-C and SIGTERM (a CI timeout, ``kill``) stop the whole run, and the session's fixtures are torn down, so
+    the servers they started (PostgreSQL, Redis, devstack parts) stop with it instead of being left running.
+
+    Ctrl-C raises ``KeyboardInterrupt`` wherever the run is. Left to the default, the event loop of an async test
+    (``asyncio.Runner``) turns it into a cancellation of that test alone: the test failed and the run went on.
+    SIGTERM acts as Ctrl-C (:func:`whatrack.cli.stop_on_sigterm`), where it used to end the run at once and leave
+    every server running.
+    """
+    from whatrack.cli import stop_on_sigterm
+    from whatrack.devstack import guard
+
+    signal.signal(signal.SIGINT, _interrupt)
+    stop_on_sigterm()
+    guard.enable()  # and whatever this run's clean-up does not reach (a SIGKILL), the guard stops
 
 
 @pytest.fixture(autouse=True)

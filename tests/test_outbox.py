@@ -132,7 +132,7 @@ async def main() -> None:
     w = Writer(sys.argv[1], safe_url="-")
     claimed = await w.claim(1000, float(sys.argv[2]))
     print(len(claimed), flush=True)
-    await asyncio.sleep(3600)  # killed here: claimed, never published or marked
+    sys.stdin.read()  # killed here: claimed, never published or marked (or gone with the test: its stdin closes)
 
 asyncio.run(main())
 """
@@ -143,7 +143,7 @@ async def test_rows_of_a_killed_publisher_are_published_by_another(store: Store,
     for i in range(5):
         await store.save_message(inst, message(f"KILLED{i}"))
     url = store.engine.url.render_as_string(hide_password=False)
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", _CLAIMER, url, "2",
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", _CLAIMER, url, "2", stdin=asyncio.subprocess.PIPE,
                                                 stdout=asyncio.subprocess.PIPE, env=dict(os.environ))
     assert proc.stdout is not None
     assert (await proc.stdout.readline()).strip() == b"5"
@@ -363,7 +363,7 @@ async def main() -> None:
     for i in range(5):
         await store.save_message(inst, message(f"ORPHAN{i}"))
     print("written", flush=True)
-    await asyncio.sleep(3600)  # killed here: its rows written claimed, never published
+    sys.stdin.read()  # killed here: its rows written claimed, never published (or gone with the test's stdin)
 
 asyncio.run(main())
 """
@@ -373,8 +373,8 @@ async def test_rows_a_killed_process_wrote_for_its_own_publisher_are_published_b
         store: Store, inst: InstanceRef, redis_url: str) -> None:
     url = store.engine.url.render_as_string(hide_password=False)
     proc = await asyncio.create_subprocess_exec(sys.executable, "-c", _WRITER_THEN_KILLED, url,
-                                                str(Path(__file__).parent), "2", stdout=asyncio.subprocess.PIPE,
-                                                env=dict(os.environ))
+                                                str(Path(__file__).parent), "2", stdin=asyncio.subprocess.PIPE,
+                                                stdout=asyncio.subprocess.PIPE, env=dict(os.environ))
     assert proc.stdout is not None
     assert (await proc.stdout.readline()).strip() == b"written"
     os.kill(proc.pid, signal.SIGKILL)

@@ -69,8 +69,12 @@ def stop_on_sigterm() -> None:
 
 def run_script(main: Callable[[], int | None]) -> NoReturn:
     """Run a script's ``main`` (the benchmarks) as a command runs: SIGTERM acts as Ctrl-C, so its ``finally`` blocks
-    stop the servers it started; interrupted, it exits with one line instead of a traceback."""
+    stop the servers it started (and a guard process stops them if it is killed); interrupted, it exits with one line
+    instead of a traceback."""
+    from whatrack.devstack import guard
+
     stop_on_sigterm()
+    guard.enable()
     try:
         code = main()
     except KeyboardInterrupt:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from whatrack.devstack import guard
 from whatrack.devstack.process import Child, wait_for_port
 from whatrack.errors import StackError
 from whatrack.settings import redis_server_path
@@ -183,6 +184,7 @@ class RedisServer:
     server: Child | None = None
     front: Child | None = None
     inner_port: int = 0  # the server's own port (== port unless a TLS front listens on port)
+    _guards: list[str | None] = field(default_factory=list, repr=False)
 
     @property
     def url(self) -> str:
@@ -231,6 +233,7 @@ class RedisServer:
         try:
             self.server = Child.spawn([*args, *self.extra], name=Path(self.binary).name,
                                       log=self.workdir / "redis.log")
+            self._guards.append(guard.watch(pid=self.server.pid, started=self.server.started))
             self.server.wait_for_port(self.inner_port, timeout=10)
             if fronted:
                 assert self.tls is not None
@@ -238,6 +241,7 @@ class RedisServer:
                     [sys.executable, "-m", "whatrack.devstack.fault_proxy", "--listen-port", str(self.port),
                      "--target", f"127.0.0.1:{self.inner_port}", "--tls-cert", str(self.tls.cert),
                      "--tls-key", str(self.tls.key)], name="TLS front", log=self.workdir / "tls-front.log")
+                self._guards.append(guard.watch(pid=self.front.pid, started=self.front.started))
                 self.front.wait_for_port(self.port, timeout=30)
             if self.password:
                 self._require_password()
@@ -263,6 +267,9 @@ class RedisServer:
             if child is not None:
                 child.stop()
         self.front = self.server = None
+        for key in self._guards:
+            guard.forget(key)
+        self._guards.clear()
 
     def __enter__(self) -> RedisServer:
         return self.start()
@@ -300,6 +307,7 @@ class EmbeddedPostgres:
     _started: bool = False
     #: The short-named directory in the temp dir that holds the server's unix socket (removed by :meth:`stop`).
     sockdir: Path | None = None
+    _guard: str | None = None
 
     @property
     def url(self) -> str:
@@ -359,6 +367,11 @@ class EmbeddedPostgres:
         self._run = run
         self._bin = bin_
         self._pgdata = pgdata
+        stop_now = [str(bin_ / "pg_ctl"), "-D", str(pgdata), "-w", "-m", "immediate", "stop"]
+        # Its owner gone without stopping it: stop it and leave no trace outside the owner's workdir.
+        inside = pgdata.resolve().is_relative_to(self.workdir.resolve())
+        self._guard = guard.watch(run=stop_now if user is None else ["runuser", "-u", user, "--", *stop_now],
+                                  rmtree=[str(sockdir), *([] if inside else [str(pgdata)])])
         log.info("embedded PostgreSQL on port %d", self.port)
         return self
 
@@ -369,6 +382,8 @@ class EmbeddedPostgres:
             if self.sockdir is not None:
                 shutil.rmtree(self.sockdir, ignore_errors=True)
             self._started = False
+            guard.forget(self._guard)
+            self._guard = None
 
     def remove(self) -> None:
         """Stop, then delete the data directory (which may live outside ``workdir`` when running as root)."""

@@ -47,7 +47,7 @@ from whatrack.demo import (  # the demo instances the stand-in UAZAPI serves, an
     instance_tokens,
     uazapi_instances,
 )
-from whatrack.devstack import process, servers, tls
+from whatrack.devstack import guard, process, servers, tls
 from whatrack.errors import StackError
 from whatrack.settings import SECRET_ENV_NAMES, WEBHOOK_PATH
 
@@ -147,6 +147,7 @@ class Stack:
         self.tls_terminator = tls_terminator
         self.state_path = self.dir / "state.json"
         self.env_path = self.dir / "stack.env"
+        self._guard: str | None = None
 
     # -- reading --------------------------------------------------------------------------------------------------
 
@@ -227,6 +228,9 @@ class Stack:
             (self.dir / "logs").mkdir(exist_ok=True)
             t0 = time.monotonic()
             plan = _Plan()
+            # Guarded (tests, benchmarks): stopped if this process dies without stopping it. Never for `stack up`.
+            self._guard = guard.watch(run=[sys.executable, "-m", "whatrack.cli", "stack", "down", "--dir",
+                                           str(self.dir)])
             try:
                 self._start_all(plan, wanted, time_scale)
                 self._write_state(plan)
@@ -234,6 +238,7 @@ class Stack:
             except BaseException:
                 self._write_state(plan)
                 self._down()
+                guard.forget(self._guard)
                 raise
             self._write_env(plan.env)
             log.info("stack up in %.1f s (%s)", time.monotonic() - t0, ", ".join(plan.parts))
@@ -473,7 +478,10 @@ class Stack:
         if not self.dir.is_dir():
             return []
         with self._lock():
-            return self._down()
+            stopped = self._down()
+        guard.forget(self._guard)
+        self._guard = None
+        return stopped
 
     def _down(self) -> list[str]:
         parts = self._state()

@@ -1,0 +1,125 @@
+"""A guard process: stops the servers a process started when that process dies without stopping them.
+
+A test run or a benchmark owns its servers for its own lifetime: embedded PostgreSQL (daemonized by ``pg_ctl``), Redis
+processes in sessions of their own, a devstack. Its ``finally`` blocks stop them; but a SIGKILL, an OOM kill, or a
+Ctrl-C that lands in the middle of the clean-up skips those, and the servers ran on with nobody to stop them.
+
+Once :func:`enable` is called (the test suite's ``conftest``, :func:`whatrack.cli.run_script` for the benchmarks), the
+servers started in this process are registered with one guard process per owner: ``python -m
+whatrack.devstack.guard``, in a session of its own (a Ctrl-C to the terminal does not reach it), reading its orders
+on a pipe. When the pipe closes (its owner exited, however it exited), it carries out what is still registered: stop
+the processes (SIGTERM, then SIGKILL), run the stop commands, remove the directories. A server its owner stopped
+itself is forgotten first, so a clean exit leaves the guard nothing to do. Servers meant to outlive the command that
+started them (``whatrack stack up``) are never registered: nothing enables the guard there.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import IO, Any
+
+log = logging.getLogger("whatrack.devstack.guard")
+
+_pipe: IO[str] | None = None
+_proc: subprocess.Popen[str] | None = None
+_enabled = False
+_count = 0
+
+
+def enable() -> None:
+    """Guard the servers this process starts from now on (see the module docstring)."""
+    global _enabled
+    _enabled = True
+
+
+def watch(*, pid: int | None = None, started: float | None = None, run: list[str] | None = None,
+          rmtree: list[str] | None = None) -> str | None:
+    """Register what to do if this process dies first: stop ``pid`` (its process group; ``started``: its start time,
+    so a reused pid is left alone), run the command ``run``, remove the directories ``rmtree``.
+
+    Returns the key to :func:`forget` it by, or ``None`` when guarding is not enabled (or the guard cannot start:
+    the servers still run, unguarded, and the owner's own clean-up still stops them).
+    """
+    global _count
+    if not _enabled:
+        return None
+    _count += 1
+    key = str(_count)
+    return key if _send({"key": key, "pid": pid, "started": started, "run": run, "rmtree": rmtree or []}) else None
+
+
+def forget(key: str | None) -> None:
+    """The owner stopped it itself: nothing left for the guard to do about ``key``."""
+    if key is not None:
+        _send({"forget": key})
+
+
+def _send(order: dict[str, Any]) -> bool:
+    global _pipe, _proc
+    try:
+        if _pipe is None:
+            _proc = subprocess.Popen([sys.executable, "-m", "whatrack.devstack.guard"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                                     text=True, cwd="/")  # not the owner's directory, which may go first
+            _pipe = _proc.stdin
+            atexit.register(_release)
+        assert _pipe is not None
+        _pipe.write(json.dumps(order) + "\n")
+        _pipe.flush()
+        return True
+    except (OSError, ValueError) as e:  # the guard died (it never should): the owner's own clean-up still runs
+        log.warning("the server guard is gone (%s): servers started from now on are not guarded", e)
+        return False
+
+
+def _release() -> None:
+    """At a clean exit: close the pipe (the guard carries out what is left, normally nothing, and exits by itself)."""
+    global _pipe, _proc
+    if _pipe is not None:
+        with contextlib.suppress(OSError):
+            _pipe.close()
+    if _proc is not None:
+        _proc.returncode = 0  # not waited for, on purpose: it runs on after this process; no "still running" warning
+    _pipe = _proc = None
+
+
+# -- the guard process ------------------------------------------------------------------------------------------
+
+
+def carry_out(order: dict[str, Any]) -> None:
+    """What the owner left undone for one server: stop its process group, run its stop command, remove its files."""
+    from whatrack.devstack.process import stop
+
+    if order.get("pid"):
+        stop(int(order["pid"]), order.get("started"))
+    if order.get("run"):
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(order["run"], capture_output=True, timeout=60, check=False)
+    for path in order.get("rmtree") or []:
+        shutil.rmtree(Path(path), ignore_errors=True)
+
+
+def main() -> None:
+    """Read orders until the owner's end of the pipe closes; then carry out the ones not forgotten, newest first."""
+    pending: dict[str, dict[str, Any]] = {}
+    for line in sys.stdin:
+        with contextlib.suppress(ValueError):
+            order = json.loads(line)
+            if "forget" in order:
+                pending.pop(str(order["forget"]), None)
+            else:
+                pending[str(order["key"])] = order
+    for order in reversed(list(pending.values())):
+        with contextlib.suppress(Exception):  # one failing must not keep the others running
+            carry_out(order)
+
+
+if __name__ == "__main__":
+    main()
