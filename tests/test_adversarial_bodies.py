@@ -435,6 +435,26 @@ async def test_streamed_body_over_the_limit_is_413(ep: Endpoint, http: httpx.Asy
     assert (await ep.store.counts())["message"] == before
 
 
+async def test_a_client_gone_in_the_middle_of_its_body_leaves_nothing_and_no_error(
+        ep: Endpoint, http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture) -> None:
+    port = int(ep.base.rsplit(":", 1)[1])
+    path = ep.url.split(str(port), 1)[1]
+    body = json.dumps(FIXTURES["messages_inbound_text.json"]).encode()
+    before = (await ep.store.counts())["message"]
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nUpstash-Signature: {ep.sign(body)}\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:len(body) // 2])
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    writer.close()  # gone, half the body sent
+    await writer.wait_closed()
+    await asyncio.sleep(0.2)
+    assert (await ep.store.counts())["message"] == before
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text  # no 500, no traceback
+    r = await ep.post(http, body)  # and the whole delivery, later, is stored
+    assert r.status_code == 200 and r.json()["status"] == "stored"
+
+
 async def test_slow_clients_do_not_block_other_deliveries(ep: Endpoint, http: httpx.AsyncClient) -> None:
     """Slowloris: connections that send half a request and stall. Valid deliveries still go through meanwhile."""
     port = int(ep.base.rsplit(":", 1)[1])

@@ -119,7 +119,8 @@ class Publisher:
         self._give_back += [row["id"] for _, row in self._memory]
         self._memory.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._return_given_back(), 5)  # else their lease brings them back
+            async with asyncio.timeout(5):  # else their lease brings them back
+                await self._return_given_back()
         await self._close_listener()
 
     async def run(self) -> None:
