@@ -22,6 +22,7 @@ import logging
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import IO, Any
 
@@ -30,7 +31,9 @@ log = logging.getLogger("whatrack.devstack.guard")
 _pipe: IO[str] | None = None
 _proc: subprocess.Popen[str] | None = None
 _enabled = False
+_released = False  # this process is exiting: no new guard
 _count = 0
+_lock = threading.Lock()  # servers start in threads too (the devstack starts PostgreSQL beside the rest)
 
 
 def enable() -> None:
@@ -50,8 +53,9 @@ def watch(*, pid: int | None = None, started: float | None = None, run: list[str
     global _count
     if not _enabled:
         return None
-    _count += 1
-    key = str(_count)
+    with _lock:
+        _count += 1
+        key = str(_count)
     return key if _send({"key": key, "pid": pid, "started": started, "run": run, "rmtree": rmtree or []}) else None
 
 
@@ -62,7 +66,14 @@ def forget(key: str | None) -> None:
 
 
 def _send(order: dict[str, Any]) -> bool:
+    with _lock:  # one whole line at a time
+        return _send_locked(order)
+
+
+def _send_locked(order: dict[str, Any]) -> bool:
     global _pipe, _proc
+    if _released:
+        return False
     try:
         if _pipe is None:
             _proc = subprocess.Popen([sys.executable, "-m", "whatrack.devstack.guard"], stdin=subprocess.PIPE,
@@ -81,7 +92,8 @@ def _send(order: dict[str, Any]) -> bool:
 
 def _release() -> None:
     """At a clean exit: close the pipe (the guard carries out what is left, normally nothing, and exits by itself)."""
-    global _pipe, _proc
+    global _pipe, _proc, _released
+    _released = True
     if _pipe is not None:
         with contextlib.suppress(OSError):
             _pipe.close()
