@@ -439,7 +439,10 @@ async def test_a_client_gone_in_the_middle_of_its_body_leaves_nothing_and_no_err
         ep: Endpoint, http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture) -> None:
     port = int(ep.base.rsplit(":", 1)[1])
     path = ep.url.split(str(port), 1)[1]
-    body = json.dumps(FIXTURES["messages_inbound_text.json"]).encode()
+    doc = copy.deepcopy(FIXTURES["messages_inbound_text.json"])
+    mid = uuid.uuid4().hex.upper()  # a message no other test of the module's endpoint stored
+    doc["message"].update(messageid=mid, id=f"{doc['owner']}:{mid}")
+    body = json.dumps(doc).encode()
     before = (await ep.store.counts())["message"]
     _, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nUpstash-Signature: {ep.sign(body)}\r\n"
