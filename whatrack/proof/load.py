@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from whatrack.devstack import process
+from whatrack.devstack import guard, process
 from whatrack.errors import ConfigError, PublishError, StackError, StoreError
 from whatrack.proof.config import DEFAULT_CONCURRENCY as DEFAULT_CONCURRENCY  # re-exported
 from whatrack.proof.config import LoadConfig as LoadConfig  # re-exported
@@ -123,6 +123,7 @@ class EndpointProcess:
                               "http://127.0.0.1:8000/api/v1/webhooks/qstash/whatsapp")
         self.workers = workers
         self.proc: subprocess.Popen[bytes] | None = None
+        self._guard: str | None = None  # stopped by a guard process if this one dies first
         self._cwd = tempfile.TemporaryDirectory(prefix="whatrack-endpoint-")
         self.log_path = os.path.join(self._cwd.name, "endpoint.log")
         self.restarts = 0
@@ -154,6 +155,7 @@ class EndpointProcess:
                  "--port", str(self.port), "--workers", str(self.workers), "--log-level", "warning",
                  "--no-access-log"], env=child, cwd=self._cwd.name, stdout=out,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        self._guard = guard.watch(pid=self.proc.pid, started=process.created(self.proc.pid))
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -169,6 +171,7 @@ class EndpointProcess:
     def kill(self) -> None:
         """SIGKILL the whole process group (master and workers), as a crash or an OOM kill would."""
         process.kill_popen(self.proc)
+        guard.forget(self._guard)
 
     def restart(self) -> None:
         self.kill()
@@ -179,6 +182,7 @@ class EndpointProcess:
         """SIGTERM (graceful: in-flight requests finish), then SIGKILL after 15 s."""
         process.stop_popen(self.proc, grace=15.0)
         self.proc = None
+        guard.forget(self._guard)
 
     def tail(self, n: int = 10) -> str:
         try:

@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from whatrack.devstack import process
+from whatrack.devstack import guard, process
 from whatrack.errors import StackError
 from whatrack.proof.config import LoadConfig, MatrixConfig
 from whatrack.proof.generate import LoadInstance, generate
@@ -48,6 +48,7 @@ class WorkerProcess:
         self.env = env
         self.concurrency = concurrency
         self.proc: subprocess.Popen[bytes] | None = None
+        self._guard: str | None = None  # stopped by a guard process if this one dies first
         self._dir = tempfile.TemporaryDirectory(prefix="whatrack-worker-")
         self.log_path = os.path.join(self._dir.name, "worker.log")
 
@@ -58,15 +59,18 @@ class WorkerProcess:
             self.proc = subprocess.Popen([sys.executable, "-m", "whatrack.followups.cli", "--concurrency",
                                           str(self.concurrency)], env=child, cwd=self._dir.name, stdout=out,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        self._guard = guard.watch(pid=self.proc.pid, started=process.created(self.proc.pid))
 
     def kill(self) -> None:
         """SIGKILL the whole process group now."""
         process.kill_popen(self.proc)
+        guard.forget(self._guard)
 
     def stop(self) -> None:
         """SIGTERM to the process group (in-flight jobs finish), then SIGKILL after 20 s."""
         process.stop_popen(self.proc, grace=20.0)
         self.proc = None
+        guard.forget(self._guard)
 
     def close(self) -> None:
         self.stop()
