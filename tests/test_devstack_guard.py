@@ -1,6 +1,7 @@
 """The server guard: servers a process started are stopped when it dies without stopping them (SIGKILL).
 
-Real parts: a Python process that starts a redis-server and an embedded PostgreSQL of its own, then is killed.
+Real parts: a Python process that starts a redis-server and an embedded PostgreSQL of its own, then is killed. The
+test run enabled the guard (``conftest``), so the processes it starts (these, notebook kernels) guard theirs too.
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ from pathlib import Path
 
 import psutil
 
-from whatrack.devstack import process
+from whatrack.devstack import guard, process
 
 _OWNER = """
 import json, sys
 from pathlib import Path
-from whatrack.devstack import guard, servers
+from whatrack.devstack import servers
 
-guard.enable()
+# no guard.enable() here: WHATRACK_GUARD=1, inherited from the test run, is what enables it
 work = Path(sys.argv[1])
 redis = servers.RedisServer(work / "redis").start()
 pg = servers.EmbeddedPostgres(work / "pg").start()
@@ -37,6 +38,7 @@ sys.stdin.read()  # killed here (or gone with the test: its stdin closes)
 
 
 def _owner(tmp_path: Path, mode: str) -> tuple[subprocess.Popen[str], dict[str, str]]:
+    assert os.environ.get(guard.ENV) == "1"  # set by conftest's guard.enable(), inherited by the owner
     proc = subprocess.Popen([sys.executable, "-c", _OWNER, str(tmp_path), mode], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
@@ -92,16 +94,17 @@ def test_a_clean_stop_leaves_the_guard_nothing_to_do(tmp_path: Path) -> None:
 _UNGUARDED = """
 import sys
 from pathlib import Path
-from whatrack.devstack import servers
+from whatrack.devstack import guard, servers
 
+guard.disable()  # as `whatrack stack up` does (it inherited WHATRACK_GUARD=1 from the test run)
 redis = servers.RedisServer(Path(sys.argv[1]) / "redis").start()
 print(redis.server.pid, redis.server.started, flush=True)
 sys.stdin.read()
 """
 
 
-def test_servers_outlive_the_process_that_started_them_unless_guarding_is_enabled(tmp_path: Path) -> None:
-    """``whatrack stack up`` starts servers meant to outlive it: nothing enables the guard there."""
+def test_servers_outlive_the_process_that_started_them_when_guarding_is_disabled(tmp_path: Path) -> None:
+    """``whatrack stack up`` starts servers meant to outlive it: it disables the guard."""
     with subprocess.Popen([sys.executable, "-c", _UNGUARDED, str(tmp_path)], stdin=subprocess.PIPE,
                           stdout=subprocess.PIPE, text=True) as proc:
         assert proc.stdout is not None

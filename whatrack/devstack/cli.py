@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from whatrack.devstack import guard
 from whatrack.devstack.stack import DEFAULT_DIR, PARTS, Stack
 from whatrack.errors import StackError
 
@@ -40,6 +41,7 @@ def _parts(spec: str | None, without: str | None) -> list[str] | None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    guard.disable()  # the stack outlives this command: `whatrack stack down` stops it
     stack = Stack(_stack_dir(args), database_url=_database_url())
     if stack.is_up():
         print(f"stack already running in {stack.dir}")

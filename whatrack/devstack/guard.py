@@ -5,12 +5,13 @@ processes in sessions of their own, a devstack. Its ``finally`` blocks stop them
 Ctrl-C that lands in the middle of the clean-up skips those, and the servers ran on with nobody to stop them.
 
 Once :func:`enable` is called (the test suite's ``conftest``, :func:`whatrack.cli.run_script` for the benchmarks), the
-servers started in this process are registered with one guard process per owner: ``python -m
+servers started in this process, and in the processes it starts (``WHATRACK_GUARD=1`` in their environment: notebook
+kernels, commands run as subprocesses), are registered with one guard process per owner: ``python -m
 whatrack.devstack.guard``, in a session of its own (a Ctrl-C to the terminal does not reach it), reading its orders
 on a pipe. When the pipe closes (its owner exited, however it exited), it carries out what is still registered: stop
 the processes (SIGTERM, then SIGKILL), run the stop commands, remove the directories. A server its owner stopped
 itself is forgotten first, so a clean exit leaves the guard nothing to do. Servers meant to outlive the command that
-started them (``whatrack stack up``) are never registered: nothing enables the guard there.
+started them (``whatrack stack up``) are never registered: that command calls :func:`disable`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import atexit
 import contextlib
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -30,16 +32,26 @@ log = logging.getLogger("whatrack.devstack.guard")
 
 _pipe: IO[str] | None = None
 _proc: subprocess.Popen[str] | None = None
-_enabled = False
+#: Set by :func:`enable` for the processes this one starts: they guard what they start too.
+ENV = "WHATRACK_GUARD"
+_enabled = os.environ.get(ENV) == "1"
 _released = False  # this process is exiting: no new guard
 _count = 0
 _lock = threading.Lock()  # servers start in threads too (the devstack starts PostgreSQL beside the rest)
 
 
 def enable() -> None:
-    """Guard the servers this process starts from now on (see the module docstring)."""
+    """Guard the servers this process, and the processes it starts, start from now on (see the module docstring)."""
     global _enabled
     _enabled = True
+    os.environ[ENV] = "1"
+
+
+def disable() -> None:
+    """Start servers meant to outlive this process (``whatrack stack up``): none of them is guarded."""
+    global _enabled
+    _enabled = False
+    os.environ.pop(ENV, None)
 
 
 def watch(*, pid: int | None = None, started: float | None = None, run: list[str] | None = None,
