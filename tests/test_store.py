@@ -717,3 +717,31 @@ async def test_writes_that_arrive_together_commit_together_each_with_its_own_out
         assert after[0] == 6
     finally:
         await store.aclose()
+
+
+async def test_a_write_on_a_pooled_connection_whose_session_was_ended_is_tried_again(
+        make_migrated_database: Any) -> None:
+    """A server session ended while its pooled connection sat idle (``pg_terminate_backend``, a failover) is found
+    when the next write takes the connection: asyncpg raises ``ConnectionDoesNotExistError``, or, when the session's
+    end is read first, ``InternalClientError`` ("another operation is in progress"), which was answered 500. Either
+    way the write is tried again on a new connection and stored."""
+    import asyncpg
+
+    from whatrack.store.write import asyncpg_dsn
+
+    url = make_migrated_database()
+    store = Store.from_url(url)
+    admin = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        inst = await store.register_instance("acme", "inst-a", TOKEN, owner=OWNER)
+        await store.save_message(inst, message("OPEN"))  # the pool's connection is open
+        for i in range(20):
+            ended = await admin.fetchval("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                         "WHERE application_name = 'whatrack' AND pid <> pg_backend_pid()")
+            assert ended >= 1
+            await asyncio.sleep(0.002 * (i % 5))  # the session's end reaches the client at different moments
+            stored = await store.save_message(inst, message(f"AFTER{i:02d}"))
+            assert stored.created
+    finally:
+        await admin.close()
+        await store.aclose()

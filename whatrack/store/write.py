@@ -94,7 +94,9 @@ BATCH_MAX = 32
 FLIGHTS = 4
 
 #: Errors that mean the connection, not the statement, failed: the pool replaces it, the call is tried again.
-_LOST = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, ConnectionError)
+#: ``InternalClientError`` ("another operation is in progress"): a pooled connection whose server session was ended
+#: (``pg_terminate_backend``, a restart) while it sat idle, taken before asyncpg saw the socket close.
+_LOST = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, ConnectionError, asyncpg.InternalClientError)
 #: The server refused the credentials (28000 and 28P01) or the database (3D000): configuration, not an outage.
 _REFUSED = (asyncpg.InvalidAuthorizationSpecificationError, asyncpg.InvalidCatalogNameError)
 #: Values the database can never hold: asyncpg's DataError covers class 22 and its own argument encoding.
@@ -211,7 +213,12 @@ class Writer:
             try:
                 pool = await self.pool()
                 async with pool.acquire(timeout=POOL_TIMEOUT_S) as conn:
-                    return await fn(conn)
+                    try:
+                        return await fn(conn)
+                    except _LOST as e:
+                        if not isinstance(e, _UNSTORABLE):  # asyncpg's DataError is an InterfaceError too
+                            conn.terminate()  # not back into the pool: the next attempt gets a new connection
+                        raise
             except _UNSTORABLE as e:
                 raise PayloadError("unstorable_value", f"database {op} refused a value: {describe(e)}") from e
             except _REFUSED as e:
@@ -219,7 +226,8 @@ class Writer:
                           "database name)", op, self.safe_url, describe(e))
                 raise StoreAuthError(f"database {op}: PostgreSQL refused the login ({describe(e)}): fix the user, "
                                      "password or database name in DATABASE_URL") from e
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as e:
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError,
+                    TimeoutError) as e:
                 retry = isinstance(e, asyncpg.TransactionRollbackError) or (isinstance(e, _LOST) and attempt == 1)
                 if attempt < MAX_ATTEMPTS and retry:
                     log.debug("%s: %s, attempt %d, retrying", op, describe(e), attempt)
