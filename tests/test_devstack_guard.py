@@ -96,15 +96,15 @@ import sys
 from pathlib import Path
 from whatrack.devstack import guard, servers
 
-guard.disable()  # as `whatrack stack up` does (it inherited WHATRACK_GUARD=1 from the test run)
-redis = servers.RedisServer(Path(sys.argv[1]) / "redis").start()
+with guard.disabled():  # as `whatrack stack up` starts its stack (it inherited WHATRACK_GUARD=1 from the test run)
+    redis = servers.RedisServer(Path(sys.argv[1]) / "redis").start()
 print(redis.server.pid, redis.server.started, flush=True)
 sys.stdin.read()
 """
 
 
 def test_servers_outlive_the_process_that_started_them_when_guarding_is_disabled(tmp_path: Path) -> None:
-    """``whatrack stack up`` starts servers meant to outlive it: it disables the guard."""
+    """``whatrack stack up`` starts servers meant to outlive it: it starts them with the guard disabled."""
     with subprocess.Popen([sys.executable, "-c", _UNGUARDED, str(tmp_path)], stdin=subprocess.PIPE,
                           stdout=subprocess.PIPE, text=True) as proc:
         assert proc.stdout is not None
@@ -114,3 +114,14 @@ def test_servers_outlive_the_process_that_started_them_when_guarding_is_disabled
         assert not _gone(int(pid), within_s=1.5)  # still serving
     finally:
         process.stop(int(pid), float(created))
+
+
+def test_the_guard_is_off_inside_disabled_only() -> None:
+    """``whatrack stack up`` runs in-process in some tests: the guard must be back on for the rest of the run."""
+    with guard.disabled():
+        assert guard.watch(rmtree=[]) is None
+        assert guard.ENV not in os.environ  # nor do the processes started inside guard theirs
+    assert os.environ.get(guard.ENV) == "1"
+    key = guard.watch(rmtree=[])  # nothing to do, if it ever came to it
+    assert key is not None
+    guard.forget(key)

@@ -41,14 +41,14 @@ def _parts(spec: str | None, without: str | None) -> list[str] | None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    guard.disable()  # the stack outlives this command: `whatrack stack down` stops it
     stack = Stack(_stack_dir(args), database_url=_database_url())
     if stack.is_up():
         print(f"stack already running in {stack.dir}")
         _print_status(stack)
         return 0
     t0 = time.monotonic()
-    stack.up(parts=_parts(args.parts, args.without), time_scale=args.time_scale)
+    with guard.disabled():  # the stack outlives this command: `whatrack stack down` stops it
+        stack.up(parts=_parts(args.parts, args.without), time_scale=args.time_scale)
     print(f"stack up in {time.monotonic() - t0:.1f} s in {stack.dir}; settings in {stack.env_path} "
           "(source them with: eval \"$(whatrack stack env)\")")
     _print_status(stack)

@@ -11,7 +11,7 @@ whatrack.devstack.guard``, in a session of its own (a Ctrl-C to the terminal doe
 on a pipe. When the pipe closes (its owner exited, however it exited), it carries out what is still registered: stop
 the processes (SIGTERM, then SIGKILL), run the stop commands, remove the directories. A server its owner stopped
 itself is forgotten first, so a clean exit leaves the guard nothing to do. Servers meant to outlive the command that
-started them (``whatrack stack up``) are never registered: that command calls :func:`disable`.
+started them (``whatrack stack up``) are never registered: that command starts them inside :func:`disabled`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -47,11 +48,19 @@ def enable() -> None:
     os.environ[ENV] = "1"
 
 
-def disable() -> None:
-    """Start servers meant to outlive this process (``whatrack stack up``): none of them is guarded."""
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Start servers meant to outlive this process (``whatrack stack up``): none started inside is guarded, nor
+    by the processes started inside. The guard is as it was afterwards."""
     global _enabled
+    was, inherited = _enabled, os.environ.pop(ENV, None)
     _enabled = False
-    os.environ.pop(ENV, None)
+    try:
+        yield
+    finally:
+        _enabled = was
+        if inherited is not None:
+            os.environ[ENV] = inherited
 
 
 def watch(*, pid: int | None = None, started: float | None = None, run: list[str] | None = None,
