@@ -27,7 +27,7 @@ from cent import (
     PublishRequest,
 )
 from cent.dto import BatchResult, CentResult, Response
-from pydantic import TypeAdapter, ValidationError
+from pydantic import TypeAdapter
 
 from whatrack.errors import ConfigError, PublishError
 from whatrack.settings import Settings
@@ -86,7 +86,7 @@ class _Batch(BatchRequest):
                        for r, j in zip(self.requests, data["replies"], strict=False)]
             response: Response[CentResult] = _adapter(Response[BatchResult]).validate_python(
                 {"result": {"replies": replies}})
-        except (ValueError, ValidationError) as err:  # not JSON, or a reply that is not its result type
+        except ValueError as err:  # not JSON, or a reply that is not its result type (a ValidationError)
             raise CentDecodeError from err
         return response
 

@@ -105,17 +105,22 @@ def stop_all(children: Sequence[Child], *, grace: float = GRACE_S) -> list[Child
     for c in running:
         gone = _wait_gone(c.pid, c.started, c.proc, deadline)
         if c.group:  # the leader's children (uvicorn's workers, ...) get the rest of the grace period too
-            while _group_alive(c.pid) and time.monotonic() < deadline:
-                time.sleep(0.02)
-            gone = gone and not _group_alive(c.pid)
+            gone = _wait_group_gone(c.pid, deadline) and gone
         if not gone:
             log.warning("%s (pid %d) still running %.0f s after signal %d: SIGKILL", c.name, c.pid, grace, c.first)
             _signal(c.pid, signal.SIGKILL, group=c.group)
             killed = time.monotonic() + 5
             _wait_gone(c.pid, c.started, c.proc, killed)
-            while c.group and _group_alive(c.pid) and time.monotonic() < killed:  # SIGKILL takes effect, not at once
-                time.sleep(0.02)
+            if c.group:  # SIGKILL takes effect, not at once: the whole group, not only its leader
+                _wait_group_gone(c.pid, killed)
     return running
+
+
+def _wait_group_gone(pgid: int, deadline: float) -> bool:
+    """Wait until no live process is left in group ``pgid`` or ``deadline`` (monotonic) passes; whether none is."""
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not _group_alive(pgid)
 
 
 def stop_popen(proc: subprocess.Popen[bytes] | None, *, grace: float = GRACE_S) -> None:
