@@ -125,3 +125,24 @@ def test_the_guard_is_off_inside_disabled_only() -> None:
     key = guard.watch(rmtree=[])  # nothing to do, if it ever came to it
     assert key is not None
     guard.forget(key)
+
+
+_COMMAND = """
+import os, sys
+from whatrack import cli
+from whatrack.devstack import guard
+
+assert guard.ENV not in os.environ and not guard._enabled  # a command started from a shell, not from a test run
+code = cli.main(["normalize", sys.argv[1]])
+print(code, os.environ.get(guard.ENV), guard._enabled)
+"""
+
+
+def test_every_command_guards_the_servers_it_starts() -> None:
+    """``whatrack run``, ``lab`` and ``faults`` bring a devstack up for their own lifetime: a SIGKILL of the command
+    must not leave it running (``whatrack stack up`` opts out, above). The command line enables the guard itself."""
+    fixture = Path(__file__).parents[1] / "whatrack" / "fixtures" / "uazapi" / "messages_inbound_text.json"
+    env = {k: v for k, v in os.environ.items() if k != guard.ENV}
+    out = subprocess.run([sys.executable, "-c", _COMMAND, str(fixture)],
+                         env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.split()[-3:] == ["0", "1", "True"]

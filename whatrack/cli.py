@@ -99,6 +99,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         secrets = []  # the command itself will report the bad setting
     logs.configure("DEBUG" if args.verbose else "INFO", secrets)
     stop_on_sigterm()
+    # A command killed outright (SIGKILL, the OOM killer) skips its clean-up: the servers it started (the devstack
+    # of `whatrack run`, `lab` or `faults`) are stopped by a guard process. `whatrack stack up` opts out: its stack is
+    # meant to outlive it.
+    from whatrack.devstack import guard
+
+    guard.enable()
     try:
         return int(args.func(args) or 0)
     except WhatrackError as e:
