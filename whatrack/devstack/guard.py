@@ -5,13 +5,13 @@ processes in sessions of their own, a devstack. Its ``finally`` blocks stop them
 Ctrl-C that lands in the middle of the clean-up skips those, and the servers ran on with nobody to stop them.
 
 Once :func:`enable` is called (the test suite's ``conftest``, every ``whatrack`` command,
-:func:`whatrack.cli.run_script` for the benchmarks), the servers started in this process, and in the processes it starts (``WHATRACK_GUARD=1`` in
-their environment: notebook kernels, commands run as subprocesses), are registered with one guard process per owner:
-``python -m whatrack.devstack.guard``, in a session of its own (a Ctrl-C to the terminal does not reach it), reading
-its orders on a pipe. When the pipe closes (its owner exited, however it exited), it carries out what is still
-registered: stop the processes (SIGTERM, then SIGKILL), run the stop commands, remove the directories. A server its
-owner stopped itself is forgotten first, so a clean exit leaves the guard nothing to do. Servers meant to outlive the
-command that started them (``whatrack stack up``) are never registered: that command starts them inside
+:func:`whatrack.cli.run_script` for the benchmarks), the servers started in this process, and in the processes it starts
+(``WHATRACK_GUARD=1`` in their environment: notebook kernels, commands run as subprocesses), are registered with one
+guard process per owner: ``python -m whatrack.devstack.guard``, in a session of its own (a Ctrl-C to the terminal does
+not reach it), reading its orders on a pipe. When the pipe closes (its owner exited, however it exited), it carries out
+what is still registered: stop the processes (SIGTERM, then SIGKILL), run the stop commands, remove the directories. A
+server its owner stopped itself is forgotten first, so a clean exit leaves the guard nothing to do. Servers meant to
+outlive the command that started them (``whatrack stack up``) are never registered: that command starts them inside
 :func:`disabled`.
 """
 
