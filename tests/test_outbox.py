@@ -412,3 +412,32 @@ async def test_a_stopped_publisher_gives_the_rows_it_held_back_at_once(store: St
         await rt.aclose()
     assert await _claims(store) == {f"HELD{i}": False for i in range(3)}  # given back: any publisher takes them now
     assert store.writer.publish_from_memory(lambda rows: None, 1.0) is not None  # and the hand-over is free again
+
+
+async def test_a_row_written_for_a_publisher_that_stopped_before_its_commit_is_given_back_at_once(
+        store: Store, inst: InstanceRef, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The write's arguments carry the lease (claimed for this process's publisher); the publisher stops before the
+    commit: nobody would publish the row until the lease ran out (30 s), so the writer gives it back itself."""
+    assert store.writer is not None
+    writer = store.writer
+    remove = writer.publish_from_memory(lambda rows: None, 30.0)
+    assert remove is not None
+    entered, go = asyncio.Event(), asyncio.Event()
+    run = writer.run
+
+    async def held_run(op: str, fn: Any) -> Any:
+        if op == "save_message":  # the write is on its way to the database
+            entered.set()
+            await go.wait()
+        return await run(op, fn)
+
+    monkeypatch.setattr(writer, "run", held_run)
+    task = asyncio.create_task(store.save_message(inst, message("LATE")))
+    await entered.wait()
+    remove()  # the publisher stops (Publisher.stop) before the commit
+    go.set()
+    assert (await task).created  # answered at its commit; the hand-over (here: the giving back) follows it
+    deadline = asyncio.get_running_loop().time() + 5  # "at once": long before the 30 s lease would end
+    while await _claims(store) != {"LATE": False} and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.02)
+    assert await _claims(store) == {"LATE": False}  # claimable by any publisher now

@@ -169,7 +169,7 @@ class Writer:
         While a receiver is set, each new message is written already claimed for ``lease_s`` seconds (migration
         0006), and its stored columns go to ``receive`` in the order written: the publisher publishes it without
         claiming it again. A process that dies first loses nothing (the lease runs out; any publisher's sweep takes
-        the row). One receiver per writer: returns the function that removes it, or ``None`` when one is already
+        the row); a row whose receiver was removed before its commit is given back to the outbox at once. One receiver per writer: returns the function that removes it, or ``None`` when one is already
         set (that caller then publishes through claims, as before).
         """
         if self._receiver is not None:
@@ -301,11 +301,20 @@ class Writer:
                     mine.append(stored)
             if not f.done():
                 f.set_result(stored)
-        if mine and self._receiver is not None:
-            self._receiver(mine)
+        if mine:
+            if self._receiver is not None:
+                self._receiver(mine)
+            else:  # written for a publisher that stopped meanwhile: back to the outbox now, not when the lease ends
+                await self._give_back([r["id"] for r in mine])
         if created:
             for wake in self._saved:
                 wake()
+
+    async def _give_back(self, ids: list[int]) -> None:
+        try:
+            await self.release(ids)
+        except StoreError as e:  # the lease still brings them back
+            log.debug("could not give %d row(s) back to the outbox at once (%s); their lease will", len(ids), e)
 
     async def apply_receipt(self, inst: int, ids: list[str], status: str, at: datetime, timestamps: tuple[bool, bool],
                             sources: tuple[str, ...]) -> int:
