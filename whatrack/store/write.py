@@ -166,11 +166,12 @@ class Writer:
                             lease_s: float) -> Callable[[], None] | None:
         """Hand the messages this process writes to ``receive`` (this process's outbox publisher), after their commit.
 
-        While a receiver is set, each new message is written already claimed for ``lease_s`` seconds (migration
-        0006), and its stored columns go to ``receive`` in the order written: the publisher publishes it without
-        claiming it again. A process that dies first loses nothing (the lease runs out; any publisher's sweep takes
-        the row); a row whose receiver was removed before its commit is given back to the outbox at once. One receiver per writer: returns the function that removes it, or ``None`` when one is already
-        set (that caller then publishes through claims, as before).
+        While a receiver is set, each new message is written already claimed for ``lease_s`` seconds (migration 0006),
+        and its stored columns go to ``receive`` in the order written: the publisher publishes it without claiming it
+        again. A process that dies first loses nothing (the lease runs out; any publisher's sweep takes the row); a row
+        whose receiver was removed before its commit is given back to the outbox at once. One receiver per writer:
+        returns the function that removes it, or ``None`` when one is already set (that caller then publishes through
+        claims, as before).
         """
         if self._receiver is not None:
             return None
