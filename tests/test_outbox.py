@@ -441,3 +441,40 @@ async def test_a_row_written_for_a_publisher_that_stopped_before_its_commit_is_g
     while await _claims(store) != {"LATE": False} and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.02)
     assert await _claims(store) == {"LATE": False}  # claimable by any publisher now
+
+
+async def test_a_mark_that_failed_after_the_publication_is_retried_not_published_again(
+        store: Store, inst: InstanceRef, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Centrifugo took the batch, then the database failed the mark (a reset, an outage): the rows are marked when
+    the database answers again, not left claimed until their lease ends (30 s) and then published a second time."""
+    from whatrack.errors import StoreError
+
+    assert store.writer is not None
+    writer = store.writer
+    mark = writer.mark_published
+    failures = [StoreError("database outbox_mark failed: ConnectionResetError")]
+
+    async def failing_once(ids: list[int]) -> list[float]:
+        if failures:
+            raise failures.pop()
+        return await mark(ids)
+
+    monkeypatch.setattr(writer, "mark_published", failing_once)
+    async with serving(centrifugo.create_app(redis_url, CENT_KEY, NAMESPACES)) as cent_base:
+        rt = CountingRealtime(f"{cent_base}/api", CENT_KEY)
+        publisher = Publisher(writer, rt, lease_s=30.0, **FAST)
+        publisher.start()
+        try:
+            saved = await store.save_message(inst, message("MARKME"))
+            deadline = asyncio.get_running_loop().time() + 10  # well inside the 30 s lease
+            while publisher.published < 1 and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+            assert not failures  # the first mark did fail
+            assert publisher.published == 1
+            rows = await store.message_rows()
+            assert [r["published_at"] is not None for r in rows] == [True]
+            assert rt.keys == [f"msg:{OWNER}:MARKME"]  # published once: the retry marked, it did not publish again
+            assert await _history(f"{cent_base}/api", [{"conversation_id": saved.conversation_id}]) == ["MARKME"]
+        finally:
+            await publisher.stop()
+            await rt.aclose()

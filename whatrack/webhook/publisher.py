@@ -81,6 +81,7 @@ class Publisher:
         self._unreceive: Callable[[], None] | None = None
         self._memory: deque[tuple[float, dict[str, Any]]] = deque()  # (monotonic time handed over, row)
         self._give_back: list[int] = []  # ids of rows claimed for this process that it will not publish from memory
+        self._unmarked: list[int] = []  # published to Centrifugo, their mark failed: marked when the database answers
         self._claimed_at = 0.0
         self.published = 0  # messages this publisher marked published (tests and logs)
 
@@ -104,7 +105,8 @@ class Publisher:
 
     async def stop(self) -> None:
         """Stop the task (a batch in flight is abandoned: its lease brings it back), give the rows held in memory back
-        to the outbox (for the other processes' publishers, at once) and close the listener."""
+        to the outbox (for the other processes' publishers, at once), mark those published but not marked yet, and
+        close the listener."""
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
@@ -118,9 +120,10 @@ class Publisher:
             self._task = None
         self._give_back += [row["id"] for _, row in self._memory]
         self._memory.clear()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(5):  # else their lease brings them back
+        with contextlib.suppress(TimeoutError, StoreError):
+            async with asyncio.timeout(5):  # else their lease brings them back (and the unmarked are published again)
                 await self._return_given_back()
+                await self._mark_unmarked()
         await self._close_listener()
 
     async def run(self) -> None:
@@ -162,6 +165,7 @@ class Publisher:
         total = 0
         try:
             while True:
+                total += await self._mark_unmarked()
                 await self._return_given_back()
                 batch = self._from_memory()
                 if not batch or time.monotonic() - self._claimed_at > self.sweep_s:
@@ -211,17 +215,36 @@ class Publisher:
             raise
         done = [i for i, took in zip(ids, ok, strict=True) if took]
         refused = [i for i, took in zip(ids, ok, strict=True) if not took]
-        lags = await self.writer.mark_published(done) if done else []
+        try:
+            marked = await self._mark(done)
+        except StoreError:  # published all the same: mark them at the next try, not republish them after the lease
+            self._unmarked += done
+            raise
         if refused:
             log.warning("[outbox] Centrifugo refused %d message(s); trying them again in %.0f s", len(refused),
                         REFUSED_RETRY_S)
             await self.writer.release(refused, REFUSED_RETRY_S)
+        return marked
+
+    async def _mark(self, ids: list[int]) -> int:
+        """Mark published rows; how many were marked now (a row marked already, by another publisher, is not)."""
+        lags = await self.writer.mark_published(ids) if ids else []
         if self.metrics:
             for lag in lags:
                 self.metrics.publish_lag.observe(max(lag, 0.0))
         self.published += len(lags)
         log.debug("[outbox] published %d message(s)", len(lags))
         return len(lags)
+
+    async def _mark_unmarked(self) -> int:
+        if not self._unmarked:
+            return 0
+        ids, self._unmarked = self._unmarked, []
+        try:
+            return await self._mark(ids)
+        except BaseException:
+            self._unmarked = ids + self._unmarked
+            raise
 
     async def _observe_depth(self) -> None:
         if self.metrics is None:
