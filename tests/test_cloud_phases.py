@@ -17,7 +17,7 @@ from migration_fixtures import Pair
 
 from whatrack.devstack.stack import Stack
 from whatrack.errors import RunError
-from whatrack.proof import faults
+from whatrack.proof import scenarios
 from whatrack.runs import acceptance
 from whatrack.runs import execute as runs
 from whatrack.runs import params as runs_params
@@ -83,7 +83,7 @@ def test_every_phase_passes_in_cloud_mode_against_a_devstacks_urls(devstack: Sta
     checked = phases["30_validation"]["results"]
     assert checked["mode"] == "cloud" and checked["ledger"]["lost"] == 0 and checked["ledger"]["total"] == 40
     rows = {r["scenario"]: r for r in checked["faults"]}
-    assert list(rows) == list(faults.CLOUD_DEFAULT)  # the default `faults` in cloud mode: every cloud-safe fault
+    assert list(rows) == list(scenarios.CLOUD_DEFAULT)  # the default `faults` in cloud mode: every cloud-safe fault
     for row in rows.values():
         assert row["passed"] and row["lost"] == 0 and row["duplicated"] == 0 and row["messages"] == 30, row
     assert "endpoint SIGKILLed at" in rows["endpoint_sigkill"]["notes"]
@@ -92,7 +92,7 @@ def test_every_phase_passes_in_cloud_mode_against_a_devstacks_urls(devstack: Sta
     twice = "every webhook published 2 times: 60 QStash messages for 30 webhooks, 60 of them delivered"
     assert twice in rows["duplicate_delivery"]["notes"]
     listed = {r["scenario"]: r for r in checked["faults_offline_only"]}
-    assert set(listed) == {s.name for s in faults.offline_only()}
+    assert set(listed) == {s.name for s in scenarios.offline_only()}
     assert all(r["evidence"] == acceptance.NOT_PROVED for r in listed.values())  # no offline run in this runs dir
 
     criteria = {c["number"]: c for c in phases["90_acceptance"]["results"]["criteria"]}

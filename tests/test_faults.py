@@ -17,12 +17,13 @@ from starlette.routing import Route
 
 from whatrack.cli import main
 from whatrack.errors import ConfigError
-from whatrack.proof import faults
-from whatrack.proof.faults import SCENARIOS, MatrixConfig, Scenario, ScenarioResult, table
+from whatrack.proof import faults, scenarios
+from whatrack.proof.faults import MatrixConfig, ScenarioResult, table
 from whatrack.proof.front import Front
 from whatrack.proof.ledger import Observations, Sent, StoredRow, classify
 from whatrack.proof.load import LoadConfig, LoadResult
 from whatrack.proof.plots import latency_stats
+from whatrack.proof.scenarios import SCENARIOS, Scenario
 
 
 def test_the_matrix_covers_every_required_fault() -> None:
@@ -43,35 +44,35 @@ CLOUD_SAFE = {"baseline", "endpoint_sigkill", "endpoint_5xx", "duplicate_deliver
 
 
 def test_only_what_the_operator_runs_is_cloud_safe() -> None:
-    assert {s.name for s in faults.cloud_safe()} == CLOUD_SAFE
-    assert {s.name for s in faults.offline_only()} == {s.name for s in SCENARIOS} - CLOUD_SAFE
+    assert {s.name for s in scenarios.cloud_safe()} == CLOUD_SAFE
+    assert {s.name for s in scenarios.offline_only()} == {s.name for s in SCENARIOS} - CLOUD_SAFE
     # a cloud-safe scenario injects through the endpoint it runs, a front on its port, or its own publishes
-    assert all(s.inject in (None, faults.kill_endpoint) and not s.followups for s in faults.cloud_safe())
+    assert all(s.inject in (None, scenarios.kill_endpoint) and not s.followups for s in scenarios.cloud_safe())
     assert next(s for s in SCENARIOS if s.name == "duplicate_delivery").copies == 2
 
 
 def test_the_plan_offline_runs_what_is_named() -> None:
-    plan = faults.plan(faults.OFFLINE_DEFAULT, mode="offline")
+    plan = scenarios.plan(scenarios.OFFLINE_DEFAULT, mode="offline")
     assert [s.name for s in plan.run] == ["endpoint_sigkill", "postgres_outage"] and plan.offline_only == ()
-    assert faults.plan("", mode="offline").run == ()
+    assert scenarios.plan("", mode="offline").run == ()
     with pytest.raises(ConfigError, match=r"unknown fault scenario.*'nope'.*known: baseline"):
-        faults.plan("baseline,nope", mode="offline")
+        scenarios.plan("baseline,nope", mode="offline")
 
 
 def test_the_plan_in_cloud_runs_the_cloud_safe_ones_and_lists_every_other() -> None:
-    default = faults.plan(faults.OFFLINE_DEFAULT, mode="cloud")
-    assert [s.name for s in default.run] == list(faults.CLOUD_DEFAULT)
+    default = scenarios.plan(scenarios.OFFLINE_DEFAULT, mode="cloud")
+    assert [s.name for s in default.run] == list(scenarios.CLOUD_DEFAULT)
     assert {s.name for s in default.offline_only} == {s.name for s in SCENARIOS} - CLOUD_SAFE
     assert "postgres_outage" in default.note and "offline only" in default.note
-    assert [s.name for s in faults.plan(" duplicate_delivery , baseline", mode="cloud").run] == [
+    assert [s.name for s in scenarios.plan(" duplicate_delivery , baseline", mode="cloud").run] == [
         "duplicate_delivery", "baseline"]
-    assert faults.plan("", mode="cloud").run == ()
+    assert scenarios.plan("", mode="cloud").run == ()
 
 
 @pytest.mark.parametrize("asked", ["postgres_outage", "endpoint_sigkill,db_latency", "worker_sigkill"])
 def test_an_offline_only_scenario_is_refused_in_cloud_naming_the_cloud_safe_ones(asked: str) -> None:
     with pytest.raises(ConfigError) as e:
-        faults.plan(asked, mode="cloud")
+        scenarios.plan(asked, mode="cloud")
     offline_one = asked.split(",")[-1]
     assert e.value.variable == "faults"
     assert f"{offline_one} is offline only" in str(e.value)
@@ -103,7 +104,7 @@ def test_the_notebooks_faults_default_is_the_offline_default() -> None:
     from whatrack.runs.params import declared
 
     nb = Path(__file__).resolve().parent.parent / "notebooks" / "30_validation.ipynb"
-    assert declared(nb)["faults"].default.strip("\"'") == faults.OFFLINE_DEFAULT
+    assert declared(nb)["faults"].default.strip("\"'") == scenarios.OFFLINE_DEFAULT
 
 
 def _result(lost: int = 0, dup: int = 0) -> LoadResult:

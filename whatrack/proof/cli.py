@@ -91,7 +91,8 @@ def _cloud_env() -> dict[str, str]:
 def _cmd_faults(args: argparse.Namespace) -> int:
     from urllib.parse import urlsplit
 
-    from whatrack.proof.faults import SCENARIOS, cloud_safe, offline_only, run_matrix, select
+    from whatrack.proof.faults import run_matrix
+    from whatrack.proof.scenarios import SCENARIOS, cloud_safe, offline_only, select
 
     cfg = MatrixConfig(n=args.messages, outage_s=args.outage, workers=args.workers, time_scale=args.time_scale,
                        seed=args.seed, concurrency=args.concurrency, rate=args.rate, settle_timeout=args.settle_timeout,

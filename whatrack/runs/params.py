@@ -112,7 +112,7 @@ def parse_assignments(items: Sequence[str]) -> list[tuple[str | None, str, str]]
 def _faults_in(value: Any, mode: str) -> str | None:
     """Phase 30's ``faults``: an offline-only scenario in cloud mode (or an unknown one) is refused."""
     from whatrack.errors import ConfigError
-    from whatrack.proof.faults import parse_names, select
+    from whatrack.proof.scenarios import parse_names, select
 
     try:
         select(parse_names(str(value)), mode=mode)
