@@ -118,6 +118,21 @@ async def test_signed_delivery_stores_every_row_and_publishes_once(env: Env) -> 
     assert pub["content"]
 
 
+async def test_the_webhook_route_is_its_path_and_subpaths_for_post_only(env: Env) -> None:
+    """The webhook's POSTs skip Starlette's router (``webhook.app._App``): the same paths and methods still reach it,
+    and only those."""
+    body = env.body("messages_inbound_text.json")
+    suffixed = env.url + "/messages/text"  # UAZAPI may append /{event}/{type}; QStash signs the URL it was given
+    async with httpx.AsyncClient(timeout=30) as c:
+        r = await c.post(suffixed, content=body, headers={"Upstash-Signature": sign(body, suffixed, CURRENT)})
+        assert (r.status_code, r.json()["status"]) == (200, "stored")
+        assert (await c.post(env.url, content=body)).status_code == 401  # the route itself: no signature
+        assert (await c.post(env.url + "X", content=body)).status_code == 404  # a longer name is another path
+        assert (await c.get(env.url)).status_code == 405
+        assert (await c.get(env.url.removesuffix(WEBHOOK_PATH) + "/healthz")).json() == {"status": "ok"}
+    assert await env.message_count() == 1
+
+
 async def test_outbound_message_is_ours_and_the_lead_is_the_chat(env: Env) -> None:
     assert (await env.post(env.body("messages_inbound_text.json"))).status_code == 200
     assert (await env.post(env.body("messages_outbound_text_fromme.json"))).status_code == 200
