@@ -277,3 +277,37 @@ def test_one_child_helper_stops_a_stubborn_process_group(tmp_path: Path) -> None
                                       name="failing", log=tmp_path / "failing.log")
         failing.wait_for_port(servers.free_port(), timeout=30)
     assert "boom" in str(e.value) and "code 3" in str(e.value)
+
+
+def test_a_wall_clock_step_does_not_hide_a_process_from_its_stop(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A laptop or VM resumed from suspend, or NTP, steps the wall clock, and psutil's ``create_time`` (boot time in
+    wall-clock seconds plus the start offset) moves with it. Recorded that way, our processes were "another process"
+    after a step, and `stack down`, the guard and the fixtures left them running (seen after a VM pause)."""
+    import psutil._pslinux as pslinux
+
+    child = process.Child.spawn([sys.executable, "-c", "import time; time.sleep(600)"], name="sleeper",
+                                log=tmp_path / "sleeper.log")
+    try:
+        assert child.started is not None
+        legacy = psutil.Process(child.pid).create_time()  # what earlier versions recorded (seconds since the epoch)
+        booted = pslinux.boot_time()
+        monkeypatch.setattr(pslinux, "boot_time", lambda: booted + 60)  # the wall clock stepped one minute ahead
+        assert abs(psutil.Process(child.pid).create_time() - legacy) >= 59  # what made the old check fail
+        assert process.alive(child.pid, child.started)
+        assert process.stop_all([process.Child("sleeper", child.pid, child.started)], grace=5) != []
+        assert child.proc is not None and child.proc.wait(10) is not None
+    finally:
+        child.kill()
+
+
+def test_a_state_file_from_another_boot_runs_nothing(tmp_path: Path) -> None:
+    stack = Stack(tmp_path / "s")
+    stack.dir.mkdir(parents=True)
+    part = {"name": "legacy_redis", "pid": os.getpid(), "created": process.created(os.getpid()), "port": 1}
+    (stack.dir / "state.json").write_text(json.dumps({"version": 1, "boot": "another-boot", "parts": {
+        "legacy_redis": part}}))
+    assert not stack.is_up() and stack.down() == []  # this test's own pid and start time: never signalled
+    (stack.dir / "state.json").write_text(json.dumps({"version": 1, "boot": process.boot_id(), "parts": {
+        "legacy_redis": part}}))
+    assert stack.dead() == []  # the same record from this boot names a running process

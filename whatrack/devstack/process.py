@@ -30,8 +30,34 @@ log = logging.getLogger(__name__)
 GRACE_S = 5.0
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+#: Start times above this are seconds since the epoch (what versions before this one recorded), not since boot.
+_EPOCH_STARTS = 1e9
+
+
+def boot_id() -> str:
+    """This boot's id (Linux; ``""`` elsewhere): start times recorded in another boot match no process of this one."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def created(pid: int) -> float | None:
-    """The start time of process ``pid`` (psutil's ``create_time``), or ``None`` when it is gone."""
+    """When process ``pid`` started, or ``None`` when it is gone.
+
+    On Linux in seconds since the machine booted (``/proc/PID/stat``), which a step of the wall clock does not move:
+    psutil's ``create_time`` is that plus the boot time in wall-clock seconds, and the boot time moves with every
+    clock step (NTP, a laptop or a VM resumed from suspend). Recorded with such a value, a process was "another
+    process" after a step, and was never stopped. Elsewhere psutil's ``create_time``.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2:].split()[19]) / _CLOCK_TICKS  # field 22, starttime, in clock ticks
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         return float(psutil.Process(pid).create_time())
     except psutil.Error:
@@ -39,14 +65,20 @@ def created(pid: int) -> float | None:
 
 
 def alive(pid: int | None, started: float | None = None) -> bool:
-    """Whether ``pid`` runs (not a zombie) and, when ``started`` is given, is the process that started then."""
+    """Whether ``pid`` runs (not a zombie) and, when ``started`` (:func:`created`) is given, is the process that
+    started then."""
     if not pid:
         return False
     try:
         p = psutil.Process(pid)
-        return p.status() != psutil.STATUS_ZOMBIE and (started is None or abs(p.create_time() - started) < 1)
+        if p.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if started is None:
+            return True
+        now = p.create_time() if started > _EPOCH_STARTS else created(pid)  # recorded by an earlier version
     except psutil.Error:
         return False
+    return now is not None and abs(now - started) < 1
 
 
 def _group_alive(pgid: int) -> bool:

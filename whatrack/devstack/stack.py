@@ -84,7 +84,7 @@ class PartStatus:
 class _Part:
     name: str
     pid: int | None = None
-    created: float | None = None  # psutil create_time, to recognise the process later
+    created: float | None = None  # process.created: its start time, to recognise the process later
     port: int | None = None
     check: str = "tcp"  # tcp | http | redis | postgres
     url: str = ""  # what the check probes (never holds a secret)
@@ -155,6 +155,8 @@ class Stack:
         if not self.state_path.is_file():
             return {}
         raw = json.loads(self.state_path.read_text())
+        if raw.get("boot") and raw["boot"] != process.boot_id():  # written before a reboot: none of it runs
+            return {}
         return {name: _Part(**p) for name, p in raw["parts"].items()}
 
     def env(self) -> dict[str, str]:
@@ -454,7 +456,7 @@ class Stack:
 
     def _write_state(self, plan: _Plan) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        data = {"version": 1, "parts": {n: asdict(p) for n, p in plan.parts.items()}}
+        data = {"version": 1, "boot": process.boot_id(), "parts": {n: asdict(p) for n, p in plan.parts.items()}}
         tmp = self.state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=2))
         tmp.chmod(0o600)

@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 
 import psutil
 
+from whatrack.devstack import process
 from whatrack.devstack.fault_proxy import FaultControl
 from whatrack.errors import ConfigError, StackError
 from whatrack.proof.load import EndpointProcess, Progress
@@ -146,7 +147,7 @@ async def kill_broker(ctx: FaultContext) -> None:
     from whatrack.devstack.servers import wait_for_port
 
     await asyncio.to_thread(wait_for_port, "127.0.0.1", port, 30.0)
-    part.update(pid=new.pid, created=psutil.Process(new.pid).create_time())  # so `stack down` stops the new one
+    part.update(pid=new.pid, created=process.created(new.pid))  # so `stack down` stops the new one
     (ctx.stack_dir / "state.json").write_text(json.dumps(state, indent=2))
     ctx.notes.append(f"broker SIGKILLed at {ctx.progress.fraction:.0%} and restarted (pid {new.pid})")
 
