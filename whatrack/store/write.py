@@ -306,15 +306,17 @@ class Writer:
             if self._receiver is not None:
                 self._receiver(mine)
             else:  # written for a publisher that stopped meanwhile: back to the outbox now, not when the lease ends
-                await self._give_back([r["id"] for r in mine])
+                await self.give_back([r["id"] for r in mine])
         if created:
             for wake in self._saved:
                 wake()
 
-    async def _give_back(self, ids: list[int]) -> None:
+    async def give_back(self, ids: list[int]) -> None:
+        """:meth:`release` at once, as far as the database lets it: a failure is logged, the rows' lease still brings
+        them back."""
         try:
             await self.release(ids)
-        except StoreError as e:  # the lease still brings them back
+        except StoreError as e:
             log.debug("could not give %d row(s) back to the outbox at once (%s); their lease will", len(ids), e)
 
     async def apply_receipt(self, inst: int, ids: list[str], status: str, at: datetime, timestamps: tuple[bool, bool],

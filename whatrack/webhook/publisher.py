@@ -200,18 +200,14 @@ class Publisher:
     async def _return_given_back(self) -> None:
         if self._give_back:
             ids, self._give_back = self._give_back, []
-            try:
-                await self.writer.release(ids)
-            except StoreError as e:  # their lease brings them back anyway
-                log.debug("[outbox] could not give %d row(s) back at once (%s); their lease will", len(ids), e)
+            await self.writer.give_back(ids)
 
     async def _publish(self, claimed: list[dict[str, Any]]) -> int:
         ids = [r["id"] for r in claimed]
         try:
             ok = await self.realtime.publish_batch([publication(r) for r in claimed])
         except PublishError:
-            with contextlib.suppress(StoreError):  # else the lease runs out and brings them back anyway
-                await self.writer.release(ids)
+            await self.writer.give_back(ids)
             raise
         done = [i for i, took in zip(ids, ok, strict=True) if took]
         refused = [i for i, took in zip(ids, ok, strict=True) if not took]
