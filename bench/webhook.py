@@ -226,7 +226,7 @@ def measure(kind: str, port: int, proc: subprocess.Popen[bytes], n: int, connect
     out = {"c": connections, "rate": n / r["elapsed"], "cpu_ms": cpu / n * 1e3, "rss_mb": ps.memory_info().rss / 2**20,
            "ok": ok, "other": n - ok, "client_cpu_ms": r["cpu_s"] / n * 1e3, "busy": busy, "sides": sides}
     published = f" (stored {stored_rate:.0f}/s, the rest of the time publishing)" if db_url else ""
-    print(f"{kind:>4}: {out['rate']:8.0f} msg/s saturated{published} (c={connections}, n={n})  server CPU "
+    print(f"{kind:>4}: {out['rate']:8.0f} msg/s closed loop{published} (c={connections}, n={n})  server CPU "
           f"{out['cpu_ms']:.2f} ms/msg  RSS {out['rss_mb']:.0f} MB  non-200 {out['other']}  "
           f"(CPU ms/msg: {' '.join(f'{k} {v:.3f}' for k, v in sides.items())} client {out['client_cpu_ms']:.3f}; "
           f"CPUs busy "
