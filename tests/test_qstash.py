@@ -60,6 +60,32 @@ def test_each_failure_names_its_check(verifier: Verifier, make, reason: str) -> 
     assert _reason(verifier, BODY, make()) == reason
 
 
+def test_each_signing_key_is_checked_once_not_once_per_delivery(verifier: Verifier,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """PyJWT checks an HMAC key (not PEM, SSH, DER or a JWK) on every token; the verifier's HS256 keeps the verdict
+    for a key that passed. A key the check refuses is still refused, every time."""
+    from jwt.algorithms import HMACAlgorithm
+
+    checked: list[bytes] = []
+    original = HMACAlgorithm.prepare_key
+
+    def spy(self: HMACAlgorithm, key: str | bytes) -> bytes:
+        checked.append(key.encode() if isinstance(key, str) else key)
+        return original(self, key)
+
+    monkeypatch.setattr(HMACAlgorithm, "prepare_key", spy)
+    fresh = Verifier(CURRENT + "x", NEXT + "x", url=URL)  # keys no earlier test checked (the verdicts are kept)
+    for _ in range(5):
+        fresh.verify(BODY, [sign(BODY, URL, CURRENT + "x")])
+        fresh.verify(BODY, [sign(BODY, URL, NEXT + "x")])  # current key first (refused), then the next one
+    assert checked == [(CURRENT + "x").encode(), (NEXT + "x").encode()]
+    pem = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----\n"
+    for _ in range(2):
+        with pytest.raises(jwt.InvalidKeyError):
+            jwt.decode(sign(BODY, URL, CURRENT), pem, algorithms=["HS256"], options={"verify_exp": False})
+    assert checked.count(pem.encode()) == 2
+
+
 def test_one_byte_changed_in_the_body(verifier: Verifier) -> None:
     sig = sign(BODY, URL, CURRENT)
     tampered = BODY.replace(b"messages", b"messagez")

@@ -9,6 +9,7 @@ attempt (protocols/qstash.md §2.2), so on failure :meth:`Verifier.diagnose` re-
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import logging
@@ -18,6 +19,8 @@ from typing import Any
 
 import jwt
 import qstash
+from jwt import api_jws
+from jwt.algorithms import HMACAlgorithm
 from qstash import AsyncQStash
 
 from whatrack.errors import ConfigError, PublishError, SignatureError
@@ -38,6 +41,31 @@ def body_hash(body: bytes) -> str:
     return base64.urlsafe_b64encode(hashlib.sha256(body).digest()).decode().rstrip("=")
 
 
+class _HS256KeyCheckedOnce(HMACAlgorithm):
+    """PyJWT's own HS256, its check of the key (``prepare_key``) done once per key instead of once per token.
+
+    PyJWT 2.15 checks an HMAC key on every token it verifies: that it is not PEM, not an SSH key, not DER (two
+    ``cryptography`` parsers that each fail with an exception) and not a JWK (a JSON parse with a new decoder). For the
+    two fixed signing keys that is 11 % of the endpoint's CPU at saturation (py-spy, ``bench/webhook.py -c 256``), a
+    third of all the verification costs. The check is a pure function of the key: its result is kept for the keys it
+    passed (a key it refused is checked, and refused, every time). Signing and verifying are PyJWT's, unchanged.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(HMACAlgorithm.SHA256)
+
+    @functools.lru_cache(maxsize=16)  # noqa: B019 (one instance per process, kept for its life: see below)
+    def prepare_key(self, key: str | bytes) -> bytes:
+        return super().prepare_key(key)
+
+
+def _check_hs256_keys_once() -> None:
+    """Make :class:`_HS256KeyCheckedOnce` the HS256 of ``jwt.decode`` (the one ``qstash.Receiver`` calls), once."""
+    if not isinstance(api_jws.get_algorithm_by_name("HS256"), _HS256KeyCheckedOnce):
+        jwt.unregister_algorithm("HS256")
+        jwt.register_algorithm("HS256", _HS256KeyCheckedOnce())
+
+
 class Verifier:
     """Verifies ``Upstash-Signature`` on a delivery. One instance per process; ``verify`` is cheap and thread-safe.
 
@@ -52,6 +80,7 @@ class Verifier:
             raise ConfigError("QSTASH_CURRENT_SIGNING_KEY", "both signing keys are needed to verify deliveries",
                               "sig_<key from the Upstash console>")
         self._keys = (current_key, next_key)
+        _check_hs256_keys_once()
         self._receiver = qstash.Receiver(current_key, next_key)
         self.url = url
 
