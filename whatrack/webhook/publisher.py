@@ -41,8 +41,9 @@ log = logging.getLogger("whatrack.webhook.publisher")
 #: Rows per claim and per Centrifugo batch call. One publisher per process publishes one batch at a time (a chat's
 #: messages stay in order), so under a backlog its rate is this size over one claim-publish-mark cycle: at 100 the
 #: endpoint stored faster than it published (bench/webhook.py -c 96: stored 2,672/s, published 2,237/s); at 300 it
-#: did again once the endpoint got faster (-c 256: stored 4,159/s, published 3,591/s); at 500 4,174 and 4,171.
-BATCH_SIZE = 500
+#: did again once the endpoint got faster (-c 256: stored 4,159/s, published 3,591/s); at 500 4,174 and 4,171, until
+#: the endpoint got faster again (-c 256: stored 4,117/s, stored and published 3,912/s); at 1,000 4,022 and 4,017.
+BATCH_SIZE = 1000
 #: Seconds a claim lasts: well above one batch call (realtime.TIMEOUT_S), so that only a dead publisher loses it.
 LEASE_S = 30.0
 #: Seconds between sweeps when no NOTIFY arrives (a lost notification, a killed process's expired lease).
