@@ -149,6 +149,9 @@ async def test_broadcast_and_errors(cent: AsyncClient) -> None:
     assert e.value.code == 108
     no_history = await cent.publish(PublishRequest(channel="nohist:c", data={"x": 1}))
     assert (no_history.offset, no_history.epoch) == (0, "")  # the server sent {"result":{}}: cent's defaults
+    for _ in range(2):  # with an idempotency key: the first and its duplicate answer the same empty result
+        keyed = await cent.publish(PublishRequest(channel="nohist:c", data={"x": 2}, idempotency_key="nh-1"))
+        assert (keyed.offset, keyed.epoch) == (0, "")
     with pytest.raises(CentApiResponseError) as e:
         await cent.broadcast(BroadcastRequest(channels=[], data={"x": 1}))
     assert e.value.code == 107
