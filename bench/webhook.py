@@ -8,8 +8,8 @@ message deliveries:
 - **bare**: the same framework answering each request with one plain asyncpg INSERT of the raw body (no
   verification, no normalization, no ORM): the simplest fast way to do the same job.
 
-The load client is ``bench/httpload.py`` (raw asyncio sockets, requests built before the clock starts) in its own
-process. CPUs: the server under test is pinned to CPU 0; PostgreSQL, the Centrifugo stand-in and the client share
+The load client is ``bench/httpload.py`` (raw asyncio sockets on uvloop, requests built before the clock starts) in
+its own process. CPUs: the server under test is pinned to CPU 0; PostgreSQL, the Centrifugo stand-in and the client share
 CPU 1, so the client never takes the server's core (on a machine with more cores each gets its own).
 
 Prints, for each server and each concurrency of the sweep (``-c``, the same for both; default 16, 32, 64, 128 and 256
