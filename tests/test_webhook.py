@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -314,3 +316,50 @@ async def test_database_stopped_mid_test_then_back(tmp_path: Path, redis_url: st
         await store.aclose()
     finally:
         pg.remove()
+
+
+_SERVE_AND_REPORT_GC = """
+import asyncio, gc, json, sys
+import httpx
+from whatrack.devstack import servers
+from whatrack.devstack.qstash.sign import sign
+from whatrack.devstack.serving import serving
+from whatrack.settings import WEBHOOK_PATH, Settings
+from whatrack.webhook.app import create_app
+
+async def main() -> None:
+    db_url, body, key, flag = sys.argv[1], sys.argv[2].encode(), sys.argv[3], sys.argv[4] == "serving"
+    port = servers.free_port()
+    public = f"http://127.0.0.1:{port}{WEBHOOK_PATH}"
+    settings = Settings.from_env({
+        "DATABASE_URL": db_url, "QSTASH_CURRENT_SIGNING_KEY": key, "QSTASH_NEXT_SIGNING_KEY": key + "x",
+        "WEBHOOK_PUBLIC_URL": public, "CENTRIFUGO_API_URL": "http://127.0.0.1:9/api",
+        "CENTRIFUGO_API_KEY": "k"}, env_files=())
+    async with serving(create_app(settings, serving=flag), port=port):
+        async with httpx.AsyncClient(timeout=30) as c:
+            r = await c.post(public, content=body, headers={"Upstash-Signature": sign(body, public, key)})
+    print(json.dumps({"status": r.json().get("status"), "gen0": gc.get_threshold()[0],
+                      "frozen": gc.get_freeze_count()}))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("mode", ["serving", "embedded"])
+async def test_a_serving_process_tunes_its_garbage_collector_and_an_embedding_one_is_left_alone(
+        db_url: str, fixtures_dir: Path, mode: str) -> None:
+    from whatrack.gctune import GEN0_THRESHOLD
+
+    store = await _registered_store(db_url, fixtures_dir)
+    await store.aclose()
+    body = (fixtures_dir / "messages_inbound_text.json").read_text()
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", _SERVE_AND_REPORT_GC, db_url, body, CURRENT,
+                                                mode, stdout=asyncio.subprocess.PIPE, env=dict(os.environ))
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0, out
+    report = json.loads(out.decode().strip().splitlines()[-1])
+    assert report["status"] == "stored"  # it serves as before
+    if mode == "serving":
+        assert report["gen0"] == GEN0_THRESHOLD and report["frozen"] > 10_000
+    else:
+        assert report["gen0"] == 700 and report["frozen"] == 0  # Python's defaults

@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from whatrack import gctune
 from whatrack.errors import ConfigError
 from whatrack.metrics import CONTENT_TYPE, Metrics
 from whatrack.settings import WEBHOOK_PATH, Settings
@@ -110,11 +111,12 @@ async def _send(send: Send, status: int, body: dict[str, Any], headers: dict[str
 
 def create_app(settings: Settings | None = None, *, handler: WebhookHandler | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, metrics: Metrics | None = None,
-               publisher_options: dict[str, Any] | None = None) -> Starlette:
+               publisher_options: dict[str, Any] | None = None, serving: bool = False) -> Starlette:
     """Build the app. Without ``handler``, one is built at start-up from ``settings`` (default: the environment).
 
     ``publisher_options``: keyword arguments of :class:`~whatrack.webhook.publisher.Publisher` (tests shorten the
-    lease, the sweep and the backoff).
+    lease, the sweep and the backoff). ``serving``: the app is this process's only work (``whatrack serve``):
+    start-up ends with :func:`whatrack.gctune.tune_for_serving`, which an embedding process (a test) should not get.
 
     Raises:
         ConfigError: at start-up, when a needed setting is missing or malformed.
@@ -139,6 +141,8 @@ def create_app(settings: Settings | None = None, *, handler: WebhookHandler | No
         else:
             log.warning("no realtime publisher: the store is not PostgreSQL")
         app.state.publisher = publisher  # tests and the benchmark read its counters
+        if serving:
+            gctune.tune_for_serving()
         try:
             yield
         finally:
@@ -217,4 +221,4 @@ def build_handler(settings: Settings) -> WebhookHandler:
 
 def app_from_env() -> Starlette:
     """uvicorn factory (``--factory whatrack.webhook.app:app_from_env``): settings from the environment and ``.env``."""
-    return create_app(Settings.from_env())
+    return create_app(Settings.from_env(), serving=True)
