@@ -508,6 +508,71 @@ def test_parse_body_accepts_a_byte_order_mark(fixtures_dir: Path) -> None:
     assert uazapi.parse_body(raw)["EventType"] == "connection"
 
 
+def _stdlib_reads(raw: bytes) -> Any:
+    """What the endpoint read before msgspec: ``json.loads`` of the UTF-8 text, a BOM dropped."""
+    return json.loads(raw.decode("utf-8-sig"))
+
+
+def _identical(a: Any, b: Any) -> bool:
+    """Equal, and of the same types all the way down (1 is not 1.0; -0.0 is not 0.0)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return repr(a) == repr(b)
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_identical(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_identical(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+def _reads_as_the_standard_library(raw: bytes) -> None:
+    """The fast decoder either refuses ``raw`` (the standard library then decides) or reads what it reads."""
+    try:
+        fast = uazapi._FAST_JSON.decode(raw)
+    except Exception:
+        return
+    slow = _stdlib_reads(raw)  # raises (the test fails) when the fast decoder accepted what json.loads refuses
+    assert _identical(fast, slow), (raw[:200], fast, slow)
+
+
+_JSON_LEAF = (st.none() | st.booleans() | st.integers() | st.integers(min_value=-2**200, max_value=2**200)
+              | st.floats(allow_nan=False, allow_infinity=False) | st.text())
+_JSON = st.recursive(_JSON_LEAF, lambda inner: st.lists(inner, max_size=5)
+                     | st.dictionaries(st.text(max_size=8), inner, max_size=5), max_leaves=30)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=list(HealthCheck))
+@given(_JSON, st.booleans())
+def test_the_fast_json_decoder_reads_documents_as_the_standard_library(value: Any, ascii_only: bool) -> None:
+    _reads_as_the_standard_library(json.dumps({"v": value}, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass"))
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.from_regex(r"\A-?(0|[1-9][0-9]{0,30})(\.[0-9]{1,30})?([eE][+-]?[0-9]{1,3})?\Z"))
+def test_the_fast_json_decoder_reads_numbers_as_the_standard_library(number: str) -> None:
+    _reads_as_the_standard_library(b'{"n": ' + number.encode() + b"}")
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.binary(max_size=40))
+def test_the_fast_json_decoder_is_never_looser_on_bytes(raw: bytes) -> None:
+    _reads_as_the_standard_library(raw)
+    _reads_as_the_standard_library(b'{"a": "' + raw + b'"}')
+
+
+@pytest.mark.parametrize("raw", [
+    b"\xef\xbb\xbf{\"a\": 1}",                  # a BOM
+    b'{"a": "\\ud800"}',                       # a lone surrogate escape
+    b'{"a": 1e400}',                            # infinity as the standard library reads it
+    b'{"a": 18446744073709551616}',             # over 64 bits: an int, exactly
+    b'{"a": -9223372036854775809}',
+    b'{"a": 1, "a": 2}',                        # the last duplicate wins
+])
+def test_what_the_fast_decoder_refuses_or_reads_parse_body_reads_as_json_loads(raw: bytes) -> None:
+    assert _identical(uazapi.parse_body(raw), _stdlib_reads(raw))
+
+
 def test_normalize_rejects_a_non_object() -> None:
     with pytest.raises(PayloadError) as info:
         uazapi.normalize([1, 2])  # type: ignore[arg-type]
