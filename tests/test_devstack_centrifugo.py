@@ -214,6 +214,10 @@ async def test_auth_and_transport(centrifugo: str, redis_url: str) -> None:
         assert r.json() == {"result": {"offset": 1, "epoch": r.json()["result"]["epoch"]}}
         r = await h.post(f"{centrifugo}/publish?api_key={KEY}", content=b"{not json")
         assert (r.status_code, r.text) == (400, "Bad Request")
+        r = await h.post(f"{centrifugo}/publish?api_key={KEY}", content=b'{"channel": "c", "data": {"x": NaN}}')
+        assert (r.status_code, r.text) == (400, "Bad Request")  # not JSON for Go's decoder either
+        r = await h.post(f"{centrifugo}/publish?api_key={KEY}", content=b'\xef\xbb\xbf{"channel": "c", "data": 1}')
+        assert r.json()["result"]["offset"] >= 1  # what msgspec refuses json.loads still takes (a BOM), as before
         r = await h.get(f"{centrifugo}/publish", headers={"X-API-Key": KEY})
         assert (r.status_code, r.content) == (405, b"")
         r = await h.post(centrifugo, json={"method": "publish", "params": {"channel": "legacy", "data": {"a": 1}}},
