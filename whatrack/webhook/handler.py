@@ -28,6 +28,7 @@ from whatrack import uazapi
 from whatrack.errors import PayloadError, SignatureError, StoreAuthError, StoreError
 from whatrack.events import Ignored, InstanceEvent, MessageEvent, ReceiptEvent
 from whatrack.qstash import NON_RETRYABLE_HEADER, NON_RETRYABLE_STATUS, Verifier
+from whatrack.webhook.deadlines import Deadlines
 
 if TYPE_CHECKING:
     from whatrack.realtime import Realtime
@@ -84,15 +85,20 @@ class WebhookHandler:
         self.timeout_s = timeout_s
         self.on_outcome = on_outcome
         self._instances: dict[tuple[str | None, str], tuple[float, InstanceRef]] = {}
+        self._deadlines = Deadlines()
 
     async def handle(self, body: bytes, signatures: Sequence[str], *, message_id: str | None = None,
                      retried: str | None = None, url_suffix: str = "") -> Outcome:
         """Process one delivery and return the response to give. Never raises."""
         started = time.perf_counter()
+        task = asyncio.current_task()
+        assert task is not None
+        self._deadlines.start(task, self.timeout_s)  # asyncio.timeout, without a timer per delivery
         try:
-            async with asyncio.timeout(self.timeout_s):  # in this task: wait_for would start one per delivery
-                outcome = await self._handle(body, signatures, url_suffix)
-        except TimeoutError:
+            outcome = await self._handle(body, signatures, url_suffix)
+        except (asyncio.CancelledError, TimeoutError) as e:
+            if isinstance(e, asyncio.CancelledError) and not self._deadlines.expired(task):
+                raise  # not the deadline: shutdown, or the client went away
             log.warning("[webhook] processing timed out after %.0f s (qstash id %s): 503, QStash will retry",
                         self.timeout_s, message_id)
             outcome = _transient("timeout")
@@ -100,6 +106,8 @@ class WebhookHandler:
             # A bug, not the sender's fault: 500 so QStash retries (and, if it keeps failing, the DLQ keeps it).
             log.exception("[webhook] unexpected failure (qstash id %s)", message_id)
             outcome = Outcome(500, "transient", {"error": "internal", "retry": True})
+        finally:
+            self._deadlines.finish(task)
         elapsed = time.perf_counter() - started
         log.info("[webhook] %s %d in %.1f ms (qstash id %s, retried %s)", outcome.outcome, outcome.status,
                  elapsed * 1e3, message_id, retried)
