@@ -8,6 +8,9 @@ message deliveries:
 - **bare**: the same framework answering each request with one plain asyncpg INSERT of the raw body (no
   verification, no normalization, no ORM): the simplest fast way to do the same job.
 
+Both run as ``whatrack serve`` runs the endpoint: uvicorn, and the garbage collector set for a serving process
+(``whatrack.gctune``), so that the two differ by their work only.
+
 The load client is ``bench/httpload.py`` (raw asyncio sockets on uvloop, requests built before the clock starts) in
 its own process. CPUs: the server under test is pinned to CPU 0; PostgreSQL, the Centrifugo stand-in and the client
 share CPU 1, so the client never takes the server's core (on a machine with more cores each gets its own).
