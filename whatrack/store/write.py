@@ -89,9 +89,12 @@ DEPTH = "SELECT count(*) FROM message WHERE published_at IS NULL"
 #: Most message writes in one round trip and one commit. Under load, deliveries that arrive while earlier writes are
 #: in flight go together: PostgreSQL's CPU per message falls from 0.207 to 0.120 ms in transactions of 20 (one
 #: connection, ``fetchmany``), the commit and the round trip being shared. A lone delivery is written at once.
-BATCH_MAX = 32
-#: Message writes in flight at once per process (each on its own pooled connection).
-FLIGHTS = 4
+BATCH_MAX = 64
+#: Message writes in flight at once per process (each on its own pooled connection). Two batches of 64, not four of
+#: 32: fewer transactions contending for the same conversation rows once PostgreSQL's CPU is what saturates
+#: (``bench/webhook.py -c 256``, runs alternated: 5,286-5,621 msg/s and PostgreSQL 0.122-0.129 ms/msg, against
+#: 5,031-5,494 and 0.126-0.136; open-loop p99 at 2,500 msg/s 7.0-16.2 ms against 7.1-9.3).
+FLIGHTS = 2
 
 #: Errors that mean the connection, not the statement, failed: the pool replaces it, the call is tried again.
 #: ``InternalClientError`` ("another operation is in progress"): a pooled connection whose server session was ended
