@@ -213,13 +213,12 @@ def side_cpu() -> dict[str, float]:
 
 
 def measure(kind: str, port: int, proc: subprocess.Popen[bytes], n: int, connections: int, tmp: Path,
-            admin_url: str, db_url: str | None = None) -> dict[str, Any]:
+            db_url: str | None = None) -> dict[str, Any]:
     """Saturate the server. With ``db_url`` (the full endpoint) the run lasts until its outbox is empty too: the
     job is done when each message is stored and published, and realtime work left for after the clock stops would
     flatter the rate and the CPU per message."""
     import psutil
 
-    checkpoint(admin_url)  # each run starts from the same WAL state (see checkpoint)
     drive(port, signed(port, 300), connections, 0, tmp)  # warm: pools, prepared statements, caches
     if db_url:
         drain_outbox(db_url)
@@ -257,14 +256,10 @@ def open_loop(kind: str, port: int, rate: float, seconds: float, tmp: Path) -> N
 
 
 def checkpoint(admin_url: str) -> None:
-    """A PostgreSQL checkpoint now, before each run, so that every run starts from the same WAL state.
-
-    The sweep writes about a gigabyte of WAL, and the checkpoint PostgreSQL requests on its own (``max_wal_size``)
-    landed in whichever run came next: in practice one of the full endpoint's, whose sweep runs after the bare server's.
-    Measured: the full endpoint's c=256 run, last of the sweep, paid PostgreSQL 0.156-0.159 ms per message, against
-    0.122-0.136 when run alone; in the latency run, one sweep measured the bare server's p99 at 75 ms and the full
-    endpoint's at 172 ms, against 2.4 and 11.3 ms with a checkpoint first. After this checkpoint each run pays for the
-    full-page images of the pages it touches first, both servers alike."""
+    """A PostgreSQL checkpoint now, before a latency run. The sweep writes about a gigabyte of WAL, so the checkpoint
+    PostgreSQL requests on its own (``max_wal_size``) would land in whichever latency run comes next: one run of the
+    default sweep measured the bare server's p99 at 75 ms and the full endpoint's at 172 ms, against 2.4 and 11.3 ms
+    with this checkpoint first. Both servers start their latency run from the same state."""
     import psycopg
 
     with psycopg.connect(admin_url, autocommit=True) as conn:
@@ -342,7 +337,7 @@ def main() -> None:
                 proc, port = start_server(kind, db_url, cent_url)
                 procs.append(proc)
                 ports[kind] = (proc, port)
-                sweep = [measure(kind, port, proc, a.n, c, tmp, admin, db_url if kind == "full" else None)
+                sweep = [measure(kind, port, proc, a.n, c, tmp, db_url if kind == "full" else None)
                          for c in concurrencies]
                 results[kind] = max(sweep, key=lambda r: float(r["rate"]))
             for kind, best in results.items():
