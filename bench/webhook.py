@@ -255,17 +255,6 @@ def open_loop(kind: str, port: int, rate: float, seconds: float, tmp: Path) -> N
           f"p99 {pct(lat, 0.99):.1f} ms  max {lat[-1] * 1e3:.1f} ms  non-200 {n - ok}")
 
 
-def checkpoint(admin_url: str) -> None:
-    """A PostgreSQL checkpoint now, before a latency run. The sweep writes about a gigabyte of WAL, so the checkpoint
-    PostgreSQL requests on its own (``max_wal_size``) would land in whichever latency run comes next: one run of the
-    default sweep measured the bare server's p99 at 75 ms and the full endpoint's at 172 ms, against 2.4 and 11.3 ms
-    with this checkpoint first. Both servers start their latency run from the same state."""
-    import psycopg
-
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute("CHECKPOINT")
-
-
 def drain_outbox(db_url: str, timeout: float = 300.0, poll_s: float = 0.2) -> float:
     """Seconds until every stored message is published to Centrifugo (the outbox is empty)."""
     import time
@@ -345,7 +334,6 @@ def main() -> None:
                       f"server CPU {best['cpu_ms']:.2f} ms/msg, RSS {best['rss_mb']:.0f} MB")
             rate = a.open_rate or results["full"]["rate"] / 2
             for kind in ("bare", "full"):
-                checkpoint(admin)
                 open_loop(kind, ports[kind][1], rate, a.open_seconds, tmp)
             print(f"full: outbox drained in {drain_outbox(db_url):.1f} s after the open-loop run")
         ratio = results["full"]["rate"] / results["bare"]["rate"]
