@@ -264,7 +264,7 @@ def drain_outbox(db_url: str, timeout: float = 300.0, poll_s: float = 0.2) -> fl
     t0 = time.monotonic()
     with psycopg.connect(db_url, autocommit=True) as conn:
         while time.monotonic() - t0 < timeout:
-            row = conn.execute("SELECT count(*) FROM message WHERE published_at IS NULL").fetchone()
+            row = conn.execute("SELECT count(*) FROM message_outbox").fetchone()
             if row is not None and row[0] == 0:
                 break
             time.sleep(poll_s)

@@ -10,7 +10,7 @@ from sqlalchemy import select, text
 
 from whatrack.events import Location, Media, MessageEvent, ReceiptEvent, Source
 from whatrack.store.api import Store
-from whatrack.store.models import TABLES
+from whatrack.store.models import ALL_TABLES
 
 OWNER = "5511999990000"
 LEAD = "5511988887777"
@@ -87,7 +87,7 @@ async def dump_text(store: Store) -> str:
     """Every value of every table (alembic_version included) as text: what a database dump would show."""
     parts: list[str] = []
     async with store.engine.connect() as conn:
-        for table in (*TABLES, "alembic_version"):
+        for table in (*ALL_TABLES, "alembic_version"):
             for r in await conn.execute(text(f"SELECT * FROM {table}")):  # noqa: S608 (fixed table names)
                 parts.append(repr(tuple(r)))
     return "\n".join(parts)

@@ -310,8 +310,8 @@ async def _claims(store: Store) -> dict[str, bool]:
     """External id -> whether the row is claimed now (its lease runs)."""
     assert store.writer is not None
     pool = await store.writer.pool()
-    got = await pool.fetch("SELECT external_id, coalesce(publish_claimed_until > clock_timestamp(), false) AS claimed "
-                           "FROM message")
+    got = await pool.fetch("SELECT m.external_id, coalesce(o.claimed_until > clock_timestamp(), false) AS claimed "
+                           "FROM message m LEFT JOIN message_outbox o ON o.message_id = m.id")
     return {r["external_id"]: r["claimed"] for r in got}
 
 
@@ -478,3 +478,78 @@ async def test_a_mark_that_failed_after_the_publication_is_retried_not_published
         finally:
             await publisher.stop()
             await rt.aclose()
+
+
+# -- the outbox table (migration 0007) --------------------------------------------------------------------------------
+
+async def _at_revision(store: Store, rev: str, *, down: bool = False) -> None:
+    from alembic import command
+
+    from whatrack.store.upgrade import alembic_config
+
+    async with store.engine.begin() as conn:
+        await conn.run_sync(lambda c: (command.downgrade if down else command.upgrade)(alembic_config(c), rev))
+
+
+async def test_migration_0007_moves_unpublished_rows_and_their_leases_into_the_outbox_table_and_back(
+        make_pg_database: Callable[[], str]) -> None:
+    """Rows unpublished at the upgrade (claimed or not) are in ``message_outbox`` after it, with their lease; a row a
+    process of the previous version marks (``published_at`` only) is dropped from the outbox by the next claim, never
+    published again; the 34-parameter overload's rows reach the outbox; the downgrade gives the leases back."""
+    import asyncpg
+
+    from whatrack.store.write import MESSAGE_COLUMNS, SAVE_MESSAGE, asyncpg_dsn
+
+    url = make_pg_database()
+    store = Store.from_url(url)
+    conn = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        await _at_revision(store, "0006")
+        inst = await store.register_instance("acme", "inst-a", TOKEN, owner=OWNER)
+        for mid in ("DONE", "FREE", "HELD", "OLDMARK"):
+            await store.save_message(inst, message(mid))
+        await conn.execute("UPDATE message SET published_at = now() WHERE external_id = 'DONE'")
+        await conn.execute("UPDATE message SET publish_claimed_until = now() + interval '1 hour' "
+                           "WHERE external_id = 'HELD'")
+        await _at_revision(store, "head")
+
+        outbox = ("SELECT m.external_id, o.claimed_until > now() AS held FROM message_outbox o "
+                  "JOIN message m ON m.id = o.message_id ORDER BY m.external_id")
+        assert [tuple(r) for r in await conn.fetch(outbox)] == [("FREE", None), ("HELD", True), ("OLDMARK", None)]
+        assert await conn.fetchval("SELECT count(*) FROM pg_indexes WHERE tablename = 'message' "
+                                   "AND indexdef LIKE '%published_at%'") == 0  # the mark can be a HOT update
+
+        # A process of the previous version marks OLDMARK as 0006's publisher did: published_at only.
+        await conn.execute("UPDATE message SET published_at = now(), publish_claimed_until = NULL "
+                           "WHERE external_id = 'OLDMARK'")
+        writer = store.writer
+        assert writer is not None
+        assert [r["external_id"] for r in await writer.claim(10, 30.0)] == ["FREE"]  # HELD's lease still runs
+        assert [tuple(r) for r in await conn.fetch(outbox)] == [("FREE", True), ("HELD", True)]
+        free = await conn.fetchval("SELECT id FROM message WHERE external_id = 'FREE'")
+        assert len(await writer.mark_published([free])) == 1
+        assert await writer.mark_published([free]) == []  # the first mark only
+        assert await writer.depth() == 1
+
+        # A process older than 0006 calls the 34-parameter overload: its row is unclaimed in the outbox.
+        new = await store.save_message(inst, message("NEW35"))
+        args = await conn.fetchrow("SELECT * FROM message WHERE id = $1", new.message_id)
+        assert args is not None
+        call = SAVE_MESSAGE.replace(", $35)", ")")
+        lead = ("5511988887777@s.whatsapp.net", "5511988887777", None, False)
+        values = {c: args[c] for c in MESSAGE_COLUMNS} | {"provider_id": "P34", "external_id": "OLD34"}
+        row = await conn.fetchrow(call, inst.organization_id, inst.id, *lead, True,
+                                  *(values[c] for c in MESSAGE_COLUMNS))
+        assert row is not None and row["created"]
+        assert [r[0] for r in await conn.fetch(outbox)] == ["HELD", "NEW35", "OLD34"]
+
+        await _at_revision(store, "0006", down=True)
+        got = {r["external_id"]: (r["published_at"] is not None, r["held"]) for r in await conn.fetch(
+            "SELECT external_id, published_at, publish_claimed_until > now() AS held FROM message")}
+        assert got == {"DONE": (True, None), "FREE": (True, None), "OLDMARK": (True, None), "HELD": (False, True),
+                       "NEW35": (False, None), "OLD34": (False, None)}
+        assert await conn.fetchval("SELECT to_regclass('message_outbox')") is None
+        assert await conn.fetchval("SELECT count(*) FROM pg_indexes WHERE indexname = 'ix_message_unpublished'") == 1
+    finally:
+        await conn.close()
+        await store.aclose()

@@ -340,8 +340,7 @@ class Store:
     async def mark_published(self, message_id: int) -> None:
         """Record that the message was published to Centrifugo (the first time only)."""
         async def tx(conn: AsyncConnection) -> None:
-            await conn.execute(update(Message).where(Message.id == message_id, Message.published_at.is_(None))
-                               .values(published_at=utcnow()))
+            await steps.mark_published(conn, message_id)
 
         await self._db.transaction("mark_published", tx)
 

@@ -158,7 +158,8 @@ class Ticket(Base):
 class Message(Base):
     """One WhatsApp message, inbound or outbound, or an edit / reaction pointing at its target's external id.
 
-    On PostgreSQL its pages are filled to 90 % (migration 0005): the outbox claim then updates a fresh row in place.
+    On PostgreSQL new heap pages are filled to half (migration 0007): publishing a row (``published_at``, in no index)
+    and its receipts then update it in its own page (a HOT update, no new index entries).
     """
 
     __tablename__ = "message"
@@ -176,9 +177,6 @@ class Message(Base):
         # The follow-up worker's echo lookup (Store.find_outbound_by_track): did a send of this job reach UAZAPI?
         Index("ix_message_instance_id_track_id", "instance_id", "track_id",
               postgresql_where=text("track_id IS NOT NULL"), sqlite_where=text("track_id IS NOT NULL")),
-        # The realtime outbox: rows not yet published to Centrifugo (``webhook.publisher`` claims them by id).
-        Index("ix_message_unpublished", "id", postgresql_where=text("published_at IS NULL"),
-              sqlite_where=text("published_at IS NULL")),
         CheckConstraint(_in("direction", DIRECTIONS), name="direction"),
         CheckConstraint(_in("sender_type", SENDER_TYPES), name="sender_type"),
         CheckConstraint(_in("status", MESSAGE_STATUSES), name="status"),
@@ -222,11 +220,29 @@ class Message(Base):
     read_at: Mapped[datetime | None]
     edited_at: Mapped[datetime | None]
     deleted_at: Mapped[datetime | None]
-    published_at: Mapped[datetime | None]
-    publish_claimed_until: Mapped[datetime | None]  # a publisher's lease on this unpublished row
+    published_at: Mapped[datetime | None]  # set by the outbox publisher (MessageOutbox), once
+    # The outbox lease before migration 0007 (now MessageOutbox.claimed_until); no longer written, kept for processes
+    # of the previous version during a rolling upgrade.
+    publish_claimed_until: Mapped[datetime | None]
     job_id: Mapped[str | None] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-#: Tables in dependency order (``Store.counts`` reports them in this order).
+class MessageOutbox(Base):
+    """The realtime outbox (migration 0007): one row per message not yet published to Centrifugo.
+
+    Written by the statement that writes the message, deleted by the publisher's mark (``store.write.MARK``), which
+    sets ``message.published_at`` in the same statement. ``claimed_until`` is a publisher's lease on it.
+    """
+
+    __tablename__ = "message_outbox"
+
+    message_id: Mapped[int] = mapped_column(BigId, ForeignKey("message.id", ondelete="CASCADE"), primary_key=True,
+                                            autoincrement=False)
+    claimed_until: Mapped[datetime | None]
+
+
+#: The CRM's tables in dependency order (``Store.counts`` reports them in this order).
 TABLES = ("organization", "instance", "lead", "conversation", "ticket", "message")
+#: Every table the migrations create (the outbox is the service's, not the CRM's).
+ALL_TABLES = (*TABLES, "message_outbox")

@@ -11,12 +11,25 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import BindParameter, ColumnElement, Select, and_, bindparam, case, literal, or_, select, update
+from sqlalchemy import (
+    BindParameter,
+    ColumnElement,
+    Select,
+    and_,
+    bindparam,
+    case,
+    delete,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from whatrack.store.models import Conversation, Instance, Lead, Message, Ticket, UTCDateTime, utcnow
+from whatrack.store.models import Conversation, Instance, Lead, Message, MessageOutbox, Ticket, UTCDateTime, utcnow
 
 if TYPE_CHECKING:
     from whatrack.store.refs import InstanceRef
@@ -42,9 +55,20 @@ _INSERT_MESSAGE = {
 
 
 async def insert_message(conn: AsyncConnection, values: dict[str, Any]) -> dict[str, Any] | None:
-    """Insert a message; its STORED_COLUMNS, or None when a row with one of its unique keys exists already."""
+    """Insert a message and its realtime outbox row; its STORED_COLUMNS, or None when a row with one of its unique keys
+    exists already (nothing is written then)."""
     r = (await conn.execute(_INSERT_MESSAGE[conn.dialect.name], values)).first()
-    return dict(r._mapping) if r else None
+    if r is None:
+        return None
+    await conn.execute(insert(MessageOutbox).values(message_id=r.id))
+    return dict(r._mapping)
+
+
+async def mark_published(conn: AsyncConnection, message_id: int) -> None:
+    """Take the message out of the realtime outbox and set its ``published_at`` (the first time only)."""
+    await conn.execute(delete(MessageOutbox).where(MessageOutbox.message_id == message_id))
+    await conn.execute(update(Message).where(Message.id == message_id, Message.published_at.is_(None))
+                       .values(published_at=utcnow()))
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """The realtime outbox publisher: one task per endpoint process publishes committed messages to Centrifugo.
 
-The webhook answers 2xx right after its commit; the message row is the outbox (``published_at IS NULL``). Rows this
-process writes are written already claimed for it (a lease, ``publish_claimed_until``, set by the insert itself) and
-handed to this task in memory after their commit (``Writer.publish_from_memory``: the write sends no NOTIFY, which
-would serialize every commit database-wide). Other rows (the follow-up worker's, announced by ``NOTIFY
+The webhook answers 2xx right after its commit; the statement that writes a message also writes its row in the outbox
+(``message_outbox``, migration 0007), and the mark deletes that row and sets ``message.published_at``. Rows this
+process writes are written already claimed for it (a lease, ``message_outbox.claimed_until``, set by the insert
+itself) and handed to this task in memory after their commit (``Writer.publish_from_memory``: the write sends no
+NOTIFY, which would serialize every commit database-wide). Other rows (the follow-up worker's, announced by ``NOTIFY
 whatrack_outbox``; those of a process that died before publishing them, found by a periodic sweep; those given back
 after an outage) it claims in batches with ``FOR UPDATE SKIP LOCKED`` in a short transaction. Either way it publishes
 a batch with one Centrifugo ``batch`` call (an idempotency key per message) and marks the rows published in bulk.
