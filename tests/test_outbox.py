@@ -268,6 +268,22 @@ def test_cent_reads_a_batch_reply_with_models_built_once() -> None:
     assert [r.offset for r in reply.result.replies] == [0, 1, 2]
 
 
+def test_the_requests_cent_sends_carry_the_json_values_json_dumps_would() -> None:
+    """``realtime.request_json`` (aiohttp's ``json_serialize`` for cent's session) writes a batch as the same JSON
+    value ``json.dumps`` does, non-ASCII text included; what msgspec refuses (a lone surrogate) is written by
+    ``json.dumps``, as before, not dropped or raised."""
+    from cent import BatchRequest, PublishRequest
+
+    from whatrack.realtime import request_json
+
+    data = {"id": 7, "content": "olá 👋 \"quoted\" \n", "sentAt": "2026-12-05T04:00:00.000Z", "n": 1.5e16}
+    payload = BatchRequest(requests=[PublishRequest(channel="conversation:7", data=data, idempotency_key="msg:a")],
+                           parallel=True).api_payload
+    assert json.loads(request_json(payload)) == json.loads(json.dumps(payload)) == payload
+    assert "olá 👋" in request_json(payload)
+    assert request_json({"content": "\ud800"}) == json.dumps({"content": "\ud800"})
+
+
 def test_a_batch_reply_is_read_as_cent_reads_it_with_adapters_built_once() -> None:
     """``realtime._Batch`` reads a batch reply with one adapter per reply type (cent 5.2 builds one per command):
     the same result as cent's own ``BatchRequest``, a refused command still a ``KeyError`` (the per-item fallback's

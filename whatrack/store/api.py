@@ -49,7 +49,7 @@ def _stored(row: dict[str, Any], *, created: bool) -> StoredMessage:
         message_id=row["id"], conversation_id=row["conversation_id"], lead_id=row["lead_id"],
         ticket_id=row["ticket_id"], organization_id=row["organization_id"], external_id=row["external_id"],
         provider_id=row["provider_id"], created=created, published=row["published_at"] is not None,
-        channel=rows.channel(row["conversation_id"]), realtime=rows.realtime_payload(row),
+        channel=rows.channel(row["conversation_id"]), row=row,
     )
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from whatrack.errors import PayloadError
 from whatrack.events import MESSAGE_TYPES, STATUS_ORDER, MessageEvent
-from whatrack.times import iso
+from whatrack.store.refs import realtime_payload as realtime_payload  # defined with the stored message it publishes
 
 #: Column widths (``models``), checked before writing so that PostgreSQL and SQLite refuse the same input and a
 #: too-long value is a clear, non-retryable error instead of a database error that QStash would retry forever.
@@ -31,11 +31,6 @@ _DELIVERED_RANK = STATUS_ORDER.index("delivered")
 def token_hash(token: str) -> str:
     """SHA-256 hex of an instance token: the only form of a token that is ever stored."""
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-def iso_z(t: datetime) -> str:
-    """ISO 8601 in UTC with a ``Z``, as the realtime payload carries it."""
-    return iso(t, "auto")
 
 
 def check_length(field: str, value: str | None) -> None:
@@ -137,21 +132,6 @@ def message_values(ev: MessageEvent) -> dict[str, Any]:
 def lead_name(ev: MessageEvent) -> str | None:
     name = ev.group_name if ev.is_group and ev.group_name else ev.lead_name
     return clean_text(name[:NAME_LIMIT]) if name else None
-
-
-def realtime_payload(row: dict[str, Any]) -> dict[str, Any]:
-    """The PRD's Centrifugo payload of a message row (``id``, ``content``, ``senderType``, ``sentAt``) plus the
-    fields a client needs to place it (``conversationId``, ``externalId``, ``type``, ``direction``)."""
-    return {
-        "id": row["id"],
-        "content": row["content"],
-        "senderType": row["sender_type"],
-        "sentAt": iso_z(row["sent_at"]),
-        "conversationId": row["conversation_id"],
-        "externalId": row["external_id"],
-        "type": row["type"],
-        "direction": row["direction"],
-    }
 
 
 def channel(conversation_id: int) -> str:
