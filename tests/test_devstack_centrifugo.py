@@ -168,6 +168,29 @@ async def test_history_is_bounded_and_trim_is_detected(cent: AsyncClient) -> Non
     assert e.value.code == 112
 
 
+async def test_a_batch_longer_than_the_history_keeps_its_last_entries_and_the_channel_position(
+        centrifugo: str, cent: AsyncClient) -> None:
+    """A batch is stored by one publish script call: five publications to a channel keeping 3 leave offsets 3-5 in
+    history, under one epoch; the next publication (another call) continues at offset 6 in the same epoch; a second
+    channel in the same batch has offsets of its own; a key of the batch sent again answers its first result."""
+    cmds = [{"publish": {"channel": "small:b", "data": {"i": i}, "idempotency_key": f"sb{i}"}} for i in range(1, 6)]
+    cmds.insert(2, {"publish": {"channel": "small:other", "data": {"i": 0}}})
+    async with httpx.AsyncClient() as h:
+        r = await h.post(f"{centrifugo}/batch", json={"commands": cmds}, headers={"X-API-Key": KEY})
+    replies = [x["publish"] for x in r.json()["replies"]]
+    assert [x["offset"] for x in replies] == [1, 2, 1, 3, 4, 5]
+    assert len({x["epoch"] for i, x in enumerate(replies) if i != 2}) == 1
+    h = await cent.history(HistoryRequest(channel="small:b", limit=-1))
+    assert [(p.offset, p.data["i"]) for p in h.publications] == [(3, 3), (4, 4), (5, 5)]
+    assert (h.offset, h.epoch) == (5, replies[0]["epoch"])
+    nxt = await cent.publish(PublishRequest(channel="small:b", data={"i": 6}))
+    assert (nxt.offset, nxt.epoch) == (6, replies[0]["epoch"])
+    again = await cent.publish(PublishRequest(channel="small:b", data={"i": 2}, idempotency_key="sb2"))
+    assert (again.offset, again.epoch) == (2, replies[0]["epoch"])  # the key's first result, nothing appended
+    assert [p.data["i"] for p in (await cent.history(HistoryRequest(channel="small:b", limit=-1))).publications] == \
+        [4, 5, 6]
+
+
 async def test_info_presence_channels_batch(cent: AsyncClient) -> None:
     info = await cent.info(InfoRequest())
     assert info.nodes[0].uid and info.nodes[0].name
