@@ -511,7 +511,8 @@ async def test_migration_0007_moves_unpublished_rows_and_their_leases_into_the_o
         make_pg_database: Callable[[], str]) -> None:
     """Rows unpublished at the upgrade (claimed or not) are in ``message_outbox`` after it, with their lease; a row a
     process of the previous version marks (``published_at`` only) is dropped from the outbox by the next claim, never
-    published again; the 34-parameter overload's rows reach the outbox; the downgrade gives the leases back."""
+    published again; the 34-parameter overload's rows reach the outbox; a job id is still unique, through a partial
+    index; the downgrade gives the leases back and the unique constraint."""
     import asyncpg
 
     from whatrack.store.write import MESSAGE_COLUMNS, SAVE_MESSAGE, asyncpg_dsn
@@ -534,6 +535,11 @@ async def test_migration_0007_moves_unpublished_rows_and_their_leases_into_the_o
         assert [tuple(r) for r in await conn.fetch(outbox)] == [("FREE", None), ("HELD", True), ("OLDMARK", None)]
         assert await conn.fetchval("SELECT count(*) FROM pg_indexes WHERE tablename = 'message' "
                                    "AND indexdef LIKE '%published_at%'") == 0  # the mark can be a HOT update
+        job_index = "SELECT indexdef FROM pg_indexes WHERE indexname = 'uq_message_job_id'"
+        assert str(await conn.fetchval(job_index)).endswith("WHERE (job_id IS NOT NULL)")  # webhook rows: no entry
+        await conn.execute("UPDATE message SET job_id = 'job-1' WHERE external_id = 'DONE'")
+        with pytest.raises(asyncpg.UniqueViolationError):
+            await conn.execute("UPDATE message SET job_id = 'job-1' WHERE external_id = 'FREE'")
 
         # A process of the previous version marks OLDMARK as 0006's publisher did: published_at only.
         await conn.execute("UPDATE message SET published_at = now(), publish_claimed_until = NULL "
@@ -566,6 +572,7 @@ async def test_migration_0007_moves_unpublished_rows_and_their_leases_into_the_o
                        "NEW35": (False, None), "OLD34": (False, None)}
         assert await conn.fetchval("SELECT to_regclass('message_outbox')") is None
         assert await conn.fetchval("SELECT count(*) FROM pg_indexes WHERE indexname = 'ix_message_unpublished'") == 1
+        assert "WHERE" not in str(await conn.fetchval(job_index))  # the unique constraint again
     finally:
         await conn.close()
         await store.aclose()

@@ -177,6 +177,9 @@ class Message(Base):
         # The follow-up worker's echo lookup (Store.find_outbound_by_track): did a send of this job reach UAZAPI?
         Index("ix_message_instance_id_track_id", "instance_id", "track_id",
               postgresql_where=text("track_id IS NOT NULL"), sqlite_where=text("track_id IS NOT NULL")),
+        # One row per follow-up job (migration 0007: partial, only the worker's sends have a job id).
+        Index("uq_message_job_id", "job_id", unique=True, postgresql_where=text("job_id IS NOT NULL"),
+              sqlite_where=text("job_id IS NOT NULL")),
         CheckConstraint(_in("direction", DIRECTIONS), name="direction"),
         CheckConstraint(_in("sender_type", SENDER_TYPES), name="sender_type"),
         CheckConstraint(_in("status", MESSAGE_STATUSES), name="status"),
@@ -224,7 +227,7 @@ class Message(Base):
     # The outbox lease before migration 0007 (now MessageOutbox.claimed_until); no longer written, kept for processes
     # of the previous version during a rolling upgrade.
     publish_claimed_until: Mapped[datetime | None]
-    job_id: Mapped[str | None] = mapped_column(String(200), unique=True)
+    job_id: Mapped[str | None] = mapped_column(String(200))  # unique when set: uq_message_job_id
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
