@@ -31,7 +31,9 @@ outbox; a mark of theirs sets ``published_at`` without deleting the outbox row, 
 (``store.write.CLAIM``). Their claims (a lease on the message row, which the new publishers do not see) can let a
 row be published by an old and a new publisher, both with the message's idempotency key, which Centrifugo keeps to
 one publication. The 34-parameter overload (0004's, for processes older than 0006) becomes a call of the
-35-parameter one with no claim, so that its rows reach the outbox too.
+35-parameter one with no claim, so that its rows reach the outbox too. Without ``ix_message_unpublished``, an old
+process's claim and outbox-depth queries read the whole message table: replace those processes soon after the
+upgrade.
 """
 
 from __future__ import annotations
